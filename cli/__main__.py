@@ -1,0 +1,5 @@
+"""`python -m cli` runs the meshplan command line."""
+
+from cli.main import entry
+
+entry()

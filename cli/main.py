@@ -1,0 +1,66 @@
+"""The `meshplan` entry point: builds the typer app and maps known errors to exit codes.
+
+Owns: the app, the command registry and the error boundary. Each command lives in its own
+module under cli/ and exposes `register(app)`; commands import heavy packages lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from planner.errors import MeshplanError
+
+COMMAND_MODULES = (
+    "cli.presets_cmd",
+    "cli.env_cmd",
+)
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="meshplan",
+        help="Plan, check and launch parallel training of transformer models.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; known errors print one `error:` line to stderr and exit with their code."""
+    app = build_app()
+    try:
+        rc = app(args=argv, standalone_mode=False)
+    except MeshplanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        # Usage errors from typer's (vendored) click carry format_message(); anything else is a bug.
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            return 2
+        raise
+    return rc if isinstance(rc, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

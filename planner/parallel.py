@@ -1,0 +1,207 @@
+"""A parallel configuration: degrees, micro-batching, schedule, recompute, ZeRO, split, placement.
+
+Owns: `MeshAxis` (the one vocabulary of mesh axes, shared with the executor), `ParallelConfig`
+and its validation against a model, training and cluster, the balanced layer split, and the
+default rank order.
+Does not own: costs (planner/cost/), the search (planner/search.py), placement search
+(planner/placement.py).
+
+Conventions (fixed here, relied on by the cost model, the plan format and the executor):
+- The mesh is (pp, dp, tp), outermost first. Mesh rank r = (p * dp + d) * tp + t.
+- `rank_to_gpu[r]` is the global GPU id (ClusterSpec numbering) that holds mesh rank r.
+  The default order is the identity: tp innermost, then dp, then pp.
+- With v virtual stages per pipeline rank there are pp * v model chunks; chunk k runs on
+  pipeline rank k % pp (Megatron's interleaved assignment, Narayanan et al. 2021 Sec. 2.2).
+- `stage_layers[k]` is the number of transformer blocks in chunk k. The embedding sits on
+  chunk 0 and the final norm + head + loss on chunk pp*v - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from planner.errors import ConfigError, SpecError
+from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
+
+
+class MeshAxis(str, Enum):
+    """Names of the device-mesh axes, outermost first: pipeline, data, tensor parallel."""
+
+    PP = "pp"
+    DP = "dp"
+    TP = "tp"
+
+
+MESH_ORDER: tuple[MeshAxis, ...] = (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)
+
+
+class Schedule(str, Enum):
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED = "interleaved"
+    GPIPE = "gpipe"
+
+
+class Recompute(str, Enum):
+    """`selective` recomputes attention internals only (Korthikanti et al. 2022 Sec. 5);
+    `full` keeps only each block's input and recomputes the whole block in backward."""
+
+    NONE = "none"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+
+def _as_enum(cls, name: str, value):  # type: ignore[no-untyped-def]
+    try:
+        return value if isinstance(value, cls) else cls(value)
+    except ValueError:
+        allowed = "|".join(m.value for m in cls)
+        raise ConfigError(f"{name}={value!r} is not allowed; use one of {allowed}") from None
+
+
+def balanced_split(layers: int, chunks: int) -> tuple[int, ...]:
+    """Split `layers` blocks into `chunks` contiguous chunks differing by at most one (extras first)."""
+    base, extra = divmod(layers, chunks)
+    return tuple(base + (1 if k < extra else 0) for k in range(chunks))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """One point of the configuration space. See the module docstring for the conventions."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    schedule: Schedule = Schedule.ONE_F_ONE_B
+    virtual_stages: int = 1
+    recompute: Recompute = Recompute.NONE
+    sequence_parallel: bool = False
+    zero: int = 0
+    stage_layers: tuple[int, ...] | None = None
+    rank_to_gpu: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "micro_batch", "virtual_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        object.__setattr__(self, "schedule", _as_enum(Schedule, "schedule", self.schedule))
+        object.__setattr__(self, "recompute", _as_enum(Recompute, "recompute", self.recompute))
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"zero={self.zero!r} is not allowed; use one of 0|1|2|3")
+        if self.schedule is not Schedule.INTERLEAVED and self.virtual_stages != 1:
+            raise ConfigError(
+                f"virtual_stages={self.virtual_stages} needs schedule=interleaved (got {self.schedule.value})"
+            )
+        if self.schedule is Schedule.INTERLEAVED and self.pp < 2:
+            raise ConfigError("schedule=interleaved needs pp >= 2")
+        if self.sequence_parallel and self.tp < 2:
+            raise ConfigError("sequence_parallel needs tp >= 2")
+        if self.stage_layers is not None:
+            object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+            if len(self.stage_layers) != self.num_chunks:
+                raise ConfigError(
+                    f"stage_layers has {len(self.stage_layers)} entries; pp*virtual_stages = "
+                    f"{self.pp}*{self.virtual_stages} = {self.num_chunks} needed"
+                )
+            if any(n < 1 for n in self.stage_layers):
+                raise ConfigError(
+                    f"stage_layers={list(self.stage_layers)}: every stage needs >= 1 layer"
+                )
+        if self.rank_to_gpu is not None:
+            object.__setattr__(self, "rank_to_gpu", tuple(self.rank_to_gpu))
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_chunks(self) -> int:
+        return self.pp * self.virtual_stages
+
+    def num_micro_batches(self, training: TrainingSpec) -> int:
+        return training.global_batch // (self.dp * self.micro_batch)
+
+    def layers_per_chunk(self, model: ModelSpec) -> tuple[int, ...]:
+        return self.stage_layers or balanced_split(model.layers, self.num_chunks)
+
+    def layer_ranges(self, model: ModelSpec) -> tuple[tuple[int, int], ...]:
+        """[start, end) transformer-block indices per chunk."""
+        out, start = [], 0
+        for n in self.layers_per_chunk(model):
+            out.append((start, start + n))
+            start += n
+        return tuple(out)
+
+    def placement(self) -> tuple[int, ...]:
+        return self.rank_to_gpu or tuple(range(self.world_size))
+
+    def mesh_coord(self, rank: int) -> tuple[int, int, int]:
+        """(pp, dp, tp) coordinate of mesh rank `rank`."""
+        p, rest = divmod(rank, self.dp * self.tp)
+        d, t = divmod(rest, self.tp)
+        return p, d, t
+
+    def mesh_rank(self, p: int, d: int, t: int) -> int:
+        return (p * self.dp + d) * self.tp + t
+
+    def group_gpus(self, axis: MeshAxis, rank: int) -> tuple[int, ...]:
+        """GPU ids of the group along `axis` that mesh rank `rank` belongs to, in axis order."""
+        p, d, t = self.mesh_coord(rank)
+        gpus = self.placement()
+        if axis is MeshAxis.TP:
+            return tuple(gpus[self.mesh_rank(p, d, i)] for i in range(self.tp))
+        if axis is MeshAxis.DP:
+            return tuple(gpus[self.mesh_rank(p, i, t)] for i in range(self.dp))
+        return tuple(gpus[self.mesh_rank(i, d, t)] for i in range(self.pp))
+
+    def validate(self, model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec) -> None:
+        """Raise ConfigError naming the first rule this configuration breaks."""
+        try:
+            training.check_model(model)
+        except SpecError as e:
+            raise ConfigError(str(e)) from None
+        n = cluster.num_gpus
+        if self.world_size != n:
+            raise ConfigError(
+                f"tp*pp*dp must equal the cluster's GPU count: {self.tp}*{self.pp}*{self.dp} = "
+                f"{self.world_size} != {n}"
+            )
+        rule = model.tp_divisible(self.tp)
+        if rule:
+            raise ConfigError(rule)
+        if self.sequence_parallel and training.seq_len % self.tp:
+            raise ConfigError(
+                f"sequence_parallel needs tp={self.tp} to divide seq_len={training.seq_len}"
+            )
+        if model.layers < self.num_chunks:
+            raise ConfigError(
+                f"layers >= pp*virtual_stages is required: {model.layers} < "
+                f"{self.pp}*{self.virtual_stages} = {self.num_chunks}"
+            )
+        if self.stage_layers is not None and sum(self.stage_layers) != model.layers:
+            raise ConfigError(
+                f"stage_layers sum to {sum(self.stage_layers)}; the model has {model.layers} layers"
+            )
+        per_replica = self.dp * self.micro_batch
+        if training.global_batch % per_replica:
+            raise ConfigError(
+                f"global_batch must be a multiple of dp*micro_batch: {training.global_batch} % "
+                f"({self.dp}*{self.micro_batch}) = {training.global_batch % per_replica}"
+            )
+        m = self.num_micro_batches(training)
+        if self.schedule is not Schedule.GPIPE and m < self.pp:
+            raise ConfigError(
+                f"{self.schedule.value} needs micro-batches >= pp: global_batch/(dp*micro_batch) = "
+                f"{training.global_batch}/({self.dp}*{self.micro_batch}) = {m} < pp={self.pp}"
+            )
+        if self.schedule is Schedule.INTERLEAVED and m % self.pp:
+            raise ConfigError(
+                f"interleaved needs micro-batches ({m}) to be a multiple of pp ({self.pp})"
+            )
+        if self.zero > 0 and self.dp < 2:
+            raise ConfigError(f"zero={self.zero} shards over dp and needs dp >= 2")
+        if self.rank_to_gpu is not None:
+            if sorted(self.rank_to_gpu) != list(range(n)):
+                raise ConfigError(f"rank_to_gpu must use every GPU id 0..{n - 1} exactly once")

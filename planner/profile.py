@@ -1,0 +1,201 @@
+"""The profile format (profile.json, `schema_version` 1): what the profiler measured.
+
+Owns: the typed records, load/save with schema checks, the content hash, and the alpha-beta
+fit of link samples. Does not own: measuring (profiler/), merging node profiles
+(profiler/merge.py), or how the cost model uses the numbers (planner/cost/).
+
+Definitions (the profiler writes to these, the cost model reads by them):
+- ComputeRecord times are per call of one block on one device, for one micro-batch, with the
+  block built at its tensor-parallel-sharded shapes (`ModelSpec.tp_shard(tp)`); the block's TP
+  collectives are *not* included (they are priced from the link measurements).
+  `backward_s` includes the recompute forward when `recompute` is not none, since that is what
+  backward costs under checkpointing. `activation_bytes` is what the block keeps for backward
+  (saved-tensor hooks, de-duplicated by storage), `parameter_bytes` the block's weights.
+- Collective samples: `bytes` is the per-rank buffer size as nccl-tests' "size" (the all-reduce
+  input, the all-gather output); `seconds` the median time. Fit: t = alpha + bytes / beta.
+  `busbw` follows nccl-tests' PERFORMANCE.md: algbw * 2(n-1)/n for all-reduce, (n-1)/n for
+  all-gather, reduce-scatter and all-to-all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from planner.errors import FormatError, SpecError
+from planner.parallel import Recompute
+from planner.serialize import dumps, from_jsonable
+from planner.specs import Dtype, ModelSpec
+
+SCHEMA_VERSION = 1
+
+
+class BlockKind(str, Enum):
+    EMBEDDING = "embedding"
+    TRANSFORMER_BLOCK = "transformer_block"
+    HEAD_AND_LOSS = "head_and_loss"
+
+
+class CollectiveOp(str, Enum):
+    ALL_REDUCE = "all_reduce"
+    ALL_GATHER = "all_gather"
+    REDUCE_SCATTER = "reduce_scatter"
+    ALL_TO_ALL = "all_to_all"
+
+    def busbw_factor(self, group_size: int) -> float:
+        """nccl-tests PERFORMANCE.md: busbw = algbw * factor."""
+        n = group_size
+        return 2 * (n - 1) / n if self is CollectiveOp.ALL_REDUCE else (n - 1) / n
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeRecord:
+    block: BlockKind
+    device_name: str
+    tp: int
+    micro_batch: int
+    seq_len: int
+    recompute: Recompute
+    forward_s: float
+    forward_spread_s: float
+    backward_s: float
+    backward_spread_s: float
+    activation_bytes: int
+    parameter_bytes: int
+    repeats: int
+    peak_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkSample:
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class P2PRecord:
+    src: int
+    dst: int
+    bandwidth_bytes_per_s: float
+    latency_s: float
+    samples: tuple[LinkSample, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollectiveRecord:
+    op: CollectiveOp
+    gpu_ids: tuple[int, ...]
+    layout: str
+    samples: tuple[LinkSample, ...]
+    alpha_s: float
+    beta_bytes_per_s: float
+    busbw_bytes_per_s: float
+
+    @property
+    def group_size(self) -> int:
+        return len(self.gpu_ids)
+
+    def time_s(self, nbytes: float) -> float:
+        return self.alpha_s + nbytes / self.beta_bytes_per_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileGpu:
+    gpu_id: int
+    host: str
+    local_index: int
+    device_name: str
+    memory_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileMeta:
+    hosts: tuple[str, ...]
+    device_kind: str
+    torch_version: str
+    dtype: Dtype
+    date: str
+    method: str
+    model: ModelSpec | None = None
+    driver_version: str | None = None
+    topology: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    schema_version: int
+    meta: ProfileMeta
+    gpus: tuple[ProfileGpu, ...]
+    compute: tuple[ComputeRecord, ...] = ()
+    p2p: tuple[P2PRecord, ...] = ()
+    collectives: tuple[CollectiveRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SCHEMA_VERSION:
+            raise FormatError(
+                f"profile schema_version={self.schema_version} is not supported; this meshplan reads {SCHEMA_VERSION}"
+            )
+        ids = [g.gpu_id for g in self.gpus]
+        if len(set(ids)) != len(ids):
+            raise FormatError("profile lists a gpu_id more than once")
+
+    def p2p_matrix(self) -> dict[tuple[int, int], P2PRecord]:
+        return {(r.src, r.dst): r for r in self.p2p}
+
+
+def fit_alpha_beta(samples: tuple[LinkSample, ...] | list[LinkSample]) -> tuple[float, float]:
+    """Least-squares fit of t = alpha + bytes / beta (Hockney's alpha-beta model).
+
+    Returns (alpha_s, beta_bytes_per_s). alpha is clamped at 0 (a negative intercept is noise);
+    beta must come out positive, i.e. time must grow with size.
+    """
+    if len(samples) < 2:
+        raise FormatError("an alpha-beta fit needs at least two message sizes")
+    xs = [float(s.bytes) for s in samples]
+    ys = [float(s.seconds) for s in samples]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise FormatError("an alpha-beta fit needs at least two distinct message sizes")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    if slope <= 0:
+        raise FormatError("link samples do not grow with message size; cannot fit a bandwidth")
+    alpha = max(0.0, my - slope * mx)
+    if alpha == 0.0:
+        slope = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+    return alpha, 1.0 / slope
+
+
+def save_profile(profile: Profile, path: str | Path) -> None:
+    Path(path).write_text(dumps(profile))
+
+
+def profile_from_dict(data: object, origin: str = "profile") -> Profile:
+    if not isinstance(data, dict):
+        raise FormatError(f"{origin}: expected a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise FormatError(
+            f"{origin}: schema_version={version!r} is not supported; this meshplan reads {SCHEMA_VERSION}"
+        )
+    return from_jsonable(Profile, data, "profile")
+
+
+def load_profile(path: str | Path) -> Profile:
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"profile file not found: {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return profile_from_dict(data, str(p))
+
+
+def profile_sha256(profile: Profile) -> str:
+    """Hash of the canonical JSON, recorded in plans as provenance."""
+    return hashlib.sha256(dumps(profile).encode()).hexdigest()
