@@ -16,6 +16,7 @@ from planner.errors import MeshplanError
 COMMAND_MODULES = (
     "cli.presets_cmd",
     "cli.env_cmd",
+    "cli.launch_cmd",
 )
 
 

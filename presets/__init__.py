@@ -82,10 +82,10 @@ def gpu_from_fields(name: str, d: dict[str, Any], origin: str) -> GpuSpec:
     return GpuSpec(
         name=name,
         memory_bytes=int(float(_require(d, "memory_gib", origin)) * GIB),
-        peak_bf16_flops=float(_require(d, "peak_bf16_tflops", origin)) * 1e12,
-        peak_fp16_flops=float(_require(d, "peak_fp16_tflops", origin)) * 1e12,
-        peak_fp32_flops=float(_require(d, "peak_fp32_tflops", origin)) * 1e12,
-        hbm_bytes_per_s=float(_require(d, "hbm_gb_per_s", origin)) * 1e9,
+        peak_bf16_flops=float(round(float(_require(d, "peak_bf16_tflops", origin)) * 1e12)),
+        peak_fp16_flops=float(round(float(_require(d, "peak_fp16_tflops", origin)) * 1e12)),
+        peak_fp32_flops=float(round(float(_require(d, "peak_fp32_tflops", origin)) * 1e12)),
+        hbm_bytes_per_s=float(round(float(_require(d, "hbm_gb_per_s", origin)) * 1e9)),
         kind=d.get("kind", "gpu"),
     )
 
@@ -103,8 +103,8 @@ def link_from_fields(d: Any, origin: str) -> LinkSpec:
         )
     return LinkSpec(
         name=str(d.get("name", "link")),
-        bandwidth_bytes_per_s=float(_require(d, "bandwidth_gb_per_s", origin)) * 1e9,
-        latency_s=float(d.get("latency_us", 0.0)) * 1e-6,
+        bandwidth_bytes_per_s=float(round(float(_require(d, "bandwidth_gb_per_s", origin)) * 1e9)),
+        latency_s=float(d.get("latency_us", 0.0)) / 1e6,
     )
 
 

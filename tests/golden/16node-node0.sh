@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# meshplan: node 0 of 16 for plan 3a04c27cac (tp=8 pp=8 dp=2). Run this on node 0.
+set -euo pipefail
+cd "$(dirname "$0")"
+export MESHPLAN_NODE_INDEX=0
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:-node0.example:29500}"
+exec torchrun --nnodes=16 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-3a04c27cac -m executor.train --plan plan.json --device cuda --steps 100 --data /data/tokens.bin "$@"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# meshplan: node 0 of 2 for plan 40e87d88a9 (tp=8 pp=2 dp=1). Run this on node 0.
+set -euo pipefail
+cd "$(dirname "$0")"
+export MESHPLAN_NODE_INDEX=0
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:-node0.example:29500}"
+exec torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-40e87d88a9 -m executor.train --plan plan.json --device cuda --steps 100 --data /data/tokens.bin "$@"

@@ -1,0 +1,185 @@
+"""Specs validate on construction, count parameters exactly, and load from HF/YAML/presets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import presets
+from planner.errors import SpecError
+from planner.hf import model_from_hf_config
+from planner.specs import ClusterSpec, GpuSpec, LinkSpec, ModelSpec, NodeSpec, TrainingSpec
+
+
+def _model(**kw):
+    base = dict(name="m", layers=2, hidden=64, heads=4, kv_heads=4, ffn_hidden=256, vocab=100, max_seq_len=32)
+    return ModelSpec(**{**base, **kw})
+
+
+def test_heads_must_divide_hidden_names_the_arithmetic():
+    with pytest.raises(SpecError, match=r"heads=3 must divide hidden=64 \(64 % 3 = 1\)"):
+        _model(heads=3, kv_heads=3)
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(SpecError, match="kv_heads=3 must divide heads=4"):
+        _model(kv_heads=3)
+
+
+@pytest.mark.parametrize("field", ["layers", "hidden", "vocab", "max_seq_len"])
+def test_non_positive_fields_are_named(field):
+    with pytest.raises(SpecError, match=f"{field}=0 must be a positive integer"):
+        _model(**{field: 0})
+
+
+def test_bad_enum_lists_allowed_values():
+    with pytest.raises(SpecError, match=r"mlp='relu' is not allowed; use one of gelu\|swiglu"):
+        _model(mlp="relu")
+
+
+def test_param_count_gpt_by_hand():
+    # GPT block: attn 4h^2+4h, mlp 2*h*f + f + h, two LayerNorms 4h.
+    m = _model()
+    h, f = 64, 256
+    per_block = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
+    pc = m.param_count()
+    assert pc.per_block == per_block
+    assert pc.total == 100 * h + 32 * h + 2 * per_block + 2 * h + 100 * h
+
+
+def test_param_count_llama_gqa_by_hand():
+    m = _model(kv_heads=2, mlp="swiglu", norm="rmsnorm", position="rope", bias=False, tied_embeddings=True)
+    h, f, kv = 64, 256, 2 * 16
+    per_block = h * h + 2 * h * kv + h * h + 3 * h * f + 2 * h
+    assert m.param_count().per_block == per_block
+    assert m.param_count().total == 100 * h + 2 * per_block + h
+
+
+@pytest.mark.parametrize(
+    ("name", "billions"),
+    [("llama2-7b", 6.738), ("llama3-8b", 8.030), ("llama3-70b", 70.554), ("mistral-7b", 7.242), ("qwen2.5-7b", 7.616)],
+)
+def test_preset_param_counts_match_published_totals(name, billions):
+    # Published counts: the models' Hugging Face model cards / safetensors metadata.
+    assert presets.load_model(name).param_count().total / 1e9 == pytest.approx(billions, abs=0.001)
+
+
+def test_tp_shard_splits_heads_ffn_vocab():
+    m = presets.load_model("llama3-8b").tp_shard(4)
+    assert (m.heads, m.kv_heads, m.ffn_hidden, m.vocab, m.head_dim) == (8, 2, 3584, 32064, 128)
+    with pytest.raises(SpecError, match="tp=16 must divide kv_heads=8"):
+        presets.load_model("llama3-8b").tp_shard(16)
+
+
+def test_hf_llama_config_with_text_config_and_head_dim():
+    cfg = {
+        "model_type": "mllama",
+        "text_config": {
+            "hidden_size": 512,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "intermediate_size": 1024,
+            "vocab_size": 1000,
+            "max_position_embeddings": 256,
+            "hidden_act": "silu",
+            "head_dim": 32,
+        },
+    }
+    m = model_from_hf_config(cfg, "x", "config.json")
+    assert (m.layers, m.heads, m.kv_heads, m.head_dim, m.mlp.value, m.tied_embeddings) == (3, 8, 2, 32, "swiglu", False)
+
+
+def test_hf_gpt2_names_and_null_n_inner():
+    cfg = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None, "vocab_size": 50257, "n_positions": 1024}
+    m = model_from_hf_config(cfg, "gpt2", "config.json")
+    assert (m.ffn_hidden, m.mlp.value, m.tied_embeddings, m.position.value) == (3072, "gelu", True, "learned")
+    # GPT-2 small has 124,439,808 parameters (Radford et al. 2019; HF model card).
+    assert m.param_count().total == 124_439_808
+
+
+def test_hf_missing_field_and_bad_activation():
+    with pytest.raises(SpecError, match="missing required field 'num_hidden_layers'"):
+        model_from_hf_config({"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 8}, "x", "config.json")
+    cfg = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10, "max_position_embeddings": 8, "hidden_act": "relu"}
+    with pytest.raises(SpecError, match="hidden_act='relu' is not supported"):
+        model_from_hf_config(cfg, "x", "config.json")
+
+
+def test_model_yaml_and_unknown_field(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("family: llama\nlayers: 2\nhidden: 64\nheads: 4\nkv_heads: 2\nffn_hidden: 96\nvocab: 50\nmax_seq_len: 16\n")
+    assert presets.load_model(str(p)).kv_heads == 2
+    p.write_text("family: llama\nlayer: 2\n")
+    with pytest.raises(SpecError, match="unknown model field 'layer' \\(did you mean 'layers'\\?\\)"):
+        presets.load_model(str(p))
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("nodes: [\n")
+    with pytest.raises(SpecError, match="malformed YAML"):
+        presets.load_cluster(str(p))
+    with pytest.raises(SpecError, match="cluster file not found"):
+        presets.load_cluster(str(tmp_path / "none.yaml"))
+
+
+def test_unknown_preset_suggests():
+    with pytest.raises(SpecError, match="did you mean 'dgx-h100'"):
+        presets.load_cluster("dgx-h10", 2)
+
+
+def test_cluster_yaml_mixed_degraded_and_switches(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "name: mixed\nnodes:\n  - {type: dgx-a100-80gb, count: 2}\n  - {type: dgx-h100, nic_factor: 0.25, switch: 1}\n"
+        "inter_switch_link: {name: spine, bandwidth_gb_per_s: 5, latency_us: 10}\n"
+    )
+    c = presets.load_cluster(str(p))
+    assert c.num_gpus == 24 and c.uniform_gpus_per_node == 8
+    assert c.gpu_of(20).name == "H100-SXM-80GB"
+    assert c.nodes[2].nic.bandwidth_bytes_per_s == pytest.approx(12.5e9)
+    assert c.link_between(0, 1).name == "nvlink3"
+    assert c.link_between(0, 9).name == "hdr-ib"
+    assert c.link_between(0, 17).name == "spine"
+    assert c.gpu_location(17) == (2, 1)
+
+
+def test_cluster_nodes_disagreeing_with_flag(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("nodes:\n  - {type: cpu-2}\n")
+    with pytest.raises(SpecError, match="--nodes 3 disagrees"):
+        presets.load_cluster(str(p), 3)
+
+
+def test_training_validation():
+    with pytest.raises(SpecError, match=r"training.dtype='fp8' is not allowed; use one of bf16\|fp16\|fp32"):
+        TrainingSpec(global_batch=8, seq_len=16, dtype="fp8")
+    with pytest.raises(SpecError, match="exceeds model"):
+        TrainingSpec(global_batch=8, seq_len=64).check_model(_model())
+
+
+def test_spec_constructors_validate_links_and_gpus():
+    with pytest.raises(SpecError, match="bandwidth_bytes_per_s"):
+        LinkSpec(name="x", bandwidth_bytes_per_s=0, latency_s=0)
+    gpu = presets.load_gpu("A100-80GB")
+    assert gpu.memory_bytes == 80 * 2**30 and isinstance(gpu, GpuSpec)
+    link = LinkSpec(name="l", bandwidth_bytes_per_s=1e9, latency_s=0)
+    with pytest.raises(SpecError, match="nodes must list at least one node"):
+        ClusterSpec(name="c", nodes=())
+    node = NodeSpec(gpu=gpu, gpus=2, intra_link=link, nic=link, nics=1)
+    assert ClusterSpec(name="c", nodes=(node,)).num_gpus == 2
+
+
+def test_importing_planner_does_not_import_torch():
+    code = (
+        "import sys, pkgutil, importlib, planner, presets\n"
+        "for m in pkgutil.walk_packages(planner.__path__, 'planner.'): importlib.import_module(m.name)\n"
+        "import cli.main; cli.main.build_app()\n"
+        "print(json.dumps('torch' in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) is False
