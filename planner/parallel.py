@@ -51,7 +51,7 @@ class Recompute(str, Enum):
     FULL = "full"
 
 
-def _as_enum(cls, name: str, value):  # type: ignore[no-untyped-def]
+def _as_enum(cls, name: str, value):
     try:
         return value if isinstance(value, cls) else cls(value)
     except ValueError:
@@ -202,6 +202,5 @@ class ParallelConfig:
             )
         if self.zero > 0 and self.dp < 2:
             raise ConfigError(f"zero={self.zero} shards over dp and needs dp >= 2")
-        if self.rank_to_gpu is not None:
-            if sorted(self.rank_to_gpu) != list(range(n)):
-                raise ConfigError(f"rank_to_gpu must use every GPU id 0..{n - 1} exactly once")
+        if self.rank_to_gpu is not None and sorted(self.rank_to_gpu) != list(range(n)):
+            raise ConfigError(f"rank_to_gpu must use every GPU id 0..{n - 1} exactly once")

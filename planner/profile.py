@@ -161,12 +161,12 @@ def fit_alpha_beta(samples: tuple[LinkSample, ...] | list[LinkSample]) -> tuple[
     sxx = sum((x - mx) ** 2 for x in xs)
     if sxx == 0:
         raise FormatError("an alpha-beta fit needs at least two distinct message sizes")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
     if slope <= 0:
         raise FormatError("link samples do not grow with message size; cannot fit a bandwidth")
     alpha = max(0.0, my - slope * mx)
     if alpha == 0.0:
-        slope = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+        slope = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
     return alpha, 1.0 / slope
 
 

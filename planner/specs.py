@@ -60,7 +60,7 @@ def _enum(cls: type[Enum], field_name: str, value: object) -> Enum:
     try:
         return cls(value)
     except ValueError:
-        allowed = "|".join(str(m.value) for m in cls)  # type: ignore[attr-defined]
+        allowed = "|".join(str(m.value) for m in cls)
         raise SpecError(f"{field_name}={value!r} is not allowed; use one of {allowed}") from None
 
 
@@ -341,9 +341,13 @@ class ClusterSpec:
             return self.nodes[node_a].intra_link
         a, b = self.nodes[node_a], self.nodes[node_b]
         slower = a.nic if a.nic.bandwidth_bytes_per_s <= b.nic.bandwidth_bytes_per_s else b.nic
-        if a.switch != b.switch and self.inter_switch_link is not None:
-            if self.inter_switch_link.bandwidth_bytes_per_s < slower.bandwidth_bytes_per_s:
-                slower = self.inter_switch_link
+        isl = self.inter_switch_link
+        if (
+            a.switch != b.switch
+            and isl is not None
+            and isl.bandwidth_bytes_per_s < slower.bandwidth_bytes_per_s
+        ):
+            slower = isl
         return slower
 
 
