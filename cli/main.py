@@ -14,9 +14,13 @@ import typer
 from planner.errors import MeshplanError
 
 COMMAND_MODULES = (
+    "cli.profile_cmd",
     "cli.presets_cmd",
     "cli.env_cmd",
     "cli.launch_cmd",
+    "cli.validate_cmd",
+    "cli.estimate_cmd",
+    "cli.plan_cmd",
 )
 
 

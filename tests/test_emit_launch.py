@@ -128,3 +128,15 @@ def test_cli_emit_refuses_bad_plan_without_writing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cli", "emit", str(good), "--out", str(out), "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (out / "node1.sh").exists() and "node1.sh" in r.stdout
+
+
+def test_executor_places_processes_by_node_index_not_rendezvous_order():
+    pytest.importorskip("torch")
+    from executor.mesh import process_gpu_id
+
+    plan = _plan("2node")
+    # c10d may number node 1 first (RANK 0..7 there); MESHPLAN_NODE_INDEX wins.
+    assert process_gpu_id(plan, {"MESHPLAN_NODE_INDEX": "1", "LOCAL_RANK": "3", "RANK": "3"}) == 11
+    assert process_gpu_id(plan, {"RANK": "5"}) == 5
+    with pytest.raises(ValueError, match="MESHPLAN_NODE_INDEX=2 is outside"):
+        process_gpu_id(plan, {"MESHPLAN_NODE_INDEX": "2", "LOCAL_RANK": "0"})

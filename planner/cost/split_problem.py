@@ -13,9 +13,10 @@ For a split n[0..C-1] (n[k] >= 1, sum n = num_layers), with r(k) = k % pp:
   chunk time       T[k] = n[k] * block_time_s[r(k)] + (k == 0) * embedding_time_s
                           + (k == C-1) * head_time_s
   rank time        R[r] = sum of T[k] over chunks on rank r
-  objective        (m - 1) * max_r R[r] + sum_r R[r] + boundary_p2p_s
-                   (the 1F1B makespan proxy of Narayanan et al. 2021 Sec. 2.2; the ranking
-                   re-prices finalists with the event simulation)
+  objective        m * max_r R[r] + (sum_r R[r] - max_r R[r]) / virtual_stages + boundary_p2p_s
+                   (the 1F1B makespan proxy of Narayanan et al. 2021 Sec. 2.2: m * T + (p-1) * T / v
+                   for even stages, i.e. (m-1) * max + sum when v = 1; the ranking re-prices
+                   finalists with the event simulation)
   rank memory      M[r] = fixed_bytes[r]
                           + sum over chunks k on r of n[k] * (block_static_bytes
                                                  + in_flight[r] * block_activation_bytes)
@@ -63,6 +64,12 @@ class SplitProblem:
     def num_chunks(self) -> int:
         return self.pp * self.virtual_stages
 
+    @property
+    def max_time_weight(self) -> int:
+        """Weight of the slowest rank in the objective, scaled by v: the objective is
+        (max_time_weight * max_r R[r] + sum_r R[r]) / v + p2p, with max_time_weight = m*v - 1."""
+        return self.num_micro_batches * self.virtual_stages - 1
+
     def rank_times_s(self, split: tuple[int, ...]) -> tuple[float, ...]:
         last = self.num_chunks - 1
         out = [0.0] * self.pp
@@ -75,7 +82,7 @@ class SplitProblem:
 
     def objective_s(self, split: tuple[int, ...]) -> float:
         times = self.rank_times_s(split)
-        return (self.num_micro_batches - 1) * max(times) + sum(times) + self.boundary_p2p_s
+        return (self.max_time_weight * max(times) + sum(times)) / self.virtual_stages + self.boundary_p2p_s
 
     def rank_memory_bytes(self, split: tuple[int, ...]) -> tuple[float, ...]:
         last_rank = (self.num_chunks - 1) % self.pp
@@ -88,4 +95,4 @@ class SplitProblem:
         return tuple(out)
 
     def fits(self, split: tuple[int, ...]) -> bool:
-        return all(m <= c for m, c in zip(self.rank_memory_bytes(split), self.capacity_bytes))
+        return all(m <= c for m, c in zip(self.rank_memory_bytes(split), self.capacity_bytes, strict=True))

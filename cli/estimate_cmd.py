@@ -1,0 +1,178 @@
+"""`meshplan estimate`: predict step time, memory per GPU and throughput of one configuration.
+
+Owns: the command's options, building the ParallelConfig from them (`--dp` derived from the
+GPU count when omitted) and the rich / JSON rendering of an Estimate.
+Does not own: the cost model (planner/cost/estimate.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from cli.common import (
+    err_console,
+    format_bytes,
+    format_seconds,
+    load_cluster_arg,
+    load_model_arg,
+    out_console,
+    print_json,
+    training_from_args,
+)
+from planner.errors import ConfigError
+
+
+def derive_dp(num_gpus: int, tp: int, pp: int, dp: int | None) -> int:
+    """`--dp` or GPUs / (tp * pp); an error naming the arithmetic when it does not divide."""
+    if dp is not None:
+        return dp
+    if num_gpus % (tp * pp):
+        raise ConfigError(
+            f"tp*pp must divide the cluster's GPU count to derive dp: {num_gpus} % ({tp}*{pp}) = "
+            f"{num_gpus % (tp * pp)}"
+        )
+    return num_gpus // (tp * pp)
+
+
+def _render(est: Any, header: str) -> None:
+    out = out_console()
+    if est.source == "analytic":
+        out.print(
+            "[bold yellow]analytic estimate[/] (no measured profile; constants calibrated "
+            "on PTD-P Table 1)"
+        )
+    out.print(header)
+    summary = Table(title="step", show_header=False)
+    summary.add_row("step time", format_seconds(est.step_time_s))
+    summary.add_row("tokens/s", f"{est.tokens_per_s:,.0f}")
+    summary.add_row("model TFLOP/s per GPU", f"{est.model_tflops_per_gpu:.1f}")
+    summary.add_row("hardware TFLOP/s per GPU", f"{est.hardware_tflops_per_gpu:.1f}")
+    summary.add_row("MFU", f"{100 * est.mfu:.1f} %")
+    summary.add_row("source", est.source)
+    out.print(summary)
+    bd = Table(title="time breakdown (critical rank)")
+    bd.add_column("part")
+    bd.add_column("time", justify="right")
+    bd.add_column("share", justify="right")
+    for name in ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "optimizer_s"):
+        value = getattr(est.breakdown, name)
+        bd.add_row(name[:-2], format_seconds(value), f"{100 * value / est.step_time_s:.1f} %")
+    out.print(bd)
+    st = Table(title="per pipeline rank (memory of its worst GPU)")
+    for col in (
+        "rank",
+        "layers",
+        "t/micro-batch",
+        "model states",
+        "activations",
+        "other",
+        "total",
+        "capacity",
+        "fits",
+    ):
+        st.add_column(col, justify="right")
+    for s in est.stages:
+        m = s.memory
+        ok = s.memory_bytes <= s.capacity_bytes
+        st.add_row(
+            str(s.pp_rank),
+            str(s.layers),
+            format_seconds(s.time_s),
+            format_bytes(m.weights + m.grads + m.optimizer),
+            format_bytes(m.activations),
+            format_bytes(m.other),
+            format_bytes(s.memory_bytes),
+            format_bytes(s.capacity_bytes),
+            "yes" if ok else "[red]NO[/]",
+        )
+    out.print(st)
+    mb = est.memory_breakdown
+    worst = Table(title="memory of the fullest GPU")
+    worst.add_column("kind")
+    worst.add_column("bytes", justify="right")
+    for name in ("weights", "grads", "optimizer", "activations", "other"):
+        worst.add_row(name, format_bytes(getattr(mb, name)))
+    out.print(worst)
+    if est.fits:
+        out.print(
+            f"fits: peak {format_bytes(est.peak_memory_bytes)} of "
+            f"{format_bytes(est.memory_capacity_bytes)}"
+        )
+    else:
+        over = est.peak_memory_bytes - est.memory_capacity_bytes
+        out.print(
+            f"[bold red]does not fit[/]: peak {format_bytes(est.peak_memory_bytes)} exceeds "
+            f"{format_bytes(est.memory_capacity_bytes)} by {format_bytes(over)}"
+        )
+    for note in est.notes:
+        err_console().print(f"note: {note}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("estimate")
+    def estimate_cmd(
+        model: str = typer.Option(
+            ..., "--model", help="Model preset, HF config.json or model YAML."
+        ),
+        cluster: str = typer.Option(..., "--cluster", help="Node-type preset or cluster YAML."),
+        nodes: int = typer.Option(None, "--nodes", help="Number of nodes of a node-type preset."),
+        global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step."),
+        seq_len: int = typer.Option(..., "--seq-len", help="Tokens per sequence."),
+        tp: int = typer.Option(..., "--tp", help="Tensor-parallel degree."),
+        pp: int = typer.Option(..., "--pp", help="Pipeline-parallel degree."),
+        dp: int = typer.Option(None, "--dp", help="Data-parallel degree (default: GPUs/(tp*pp))."),
+        micro_batch: int = typer.Option(..., "--micro-batch", help="Sequences per micro-batch."),
+        schedule: str = typer.Option("1f1b", "--schedule", help="1f1b | interleaved | gpipe"),
+        virtual_stages: int = typer.Option(
+            1, "--virtual-stages", help="Chunks per pipeline rank (interleaved)."
+        ),
+        recompute: str = typer.Option("none", "--recompute", help="none | selective | full"),
+        sequence_parallel: bool = typer.Option(
+            False, "--sequence-parallel", help="Megatron sequence parallelism (tp >= 2)."
+        ),
+        zero: int = typer.Option(0, "--zero", help="ZeRO stage over dp: 0 | 1 | 2 | 3"),
+        dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32"),
+        profile: str = typer.Option(
+            None, "--profile", help="Measured profile.json (default: analytic)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    ) -> None:
+        """Predict step time (with breakdown), memory per GPU and throughput of one configuration."""
+        from planner.cost.estimate import estimate
+        from planner.parallel import ParallelConfig
+        from planner.profile import load_profile
+
+        model_spec = load_model_arg(model)
+        cluster_spec = load_cluster_arg(cluster, nodes)
+        training = training_from_args(global_batch, seq_len, dtype, model_spec)
+        config = ParallelConfig(
+            tp=tp,
+            pp=pp,
+            dp=derive_dp(cluster_spec.num_gpus, tp, pp, dp),
+            micro_batch=micro_batch,
+            schedule=schedule,
+            virtual_stages=virtual_stages,
+            recompute=recompute,
+            sequence_parallel=sequence_parallel,
+            zero=zero,
+        )
+        prof = load_profile(profile) if profile else None
+        est = estimate(model_spec, training, cluster_spec, config, prof)
+        if as_json:
+            data = est.to_json()
+            data["config"] = {name: getattr(config, name) for name in config.__dataclass_fields__}
+            data["num_micro_batches"] = config.num_micro_batches(training)
+            print_json(data)
+            return
+        header = (
+            f"{model_spec.name} on {cluster_spec.name} ({cluster_spec.num_gpus} GPUs): tp={config.tp} "
+            f"pp={config.pp} dp={config.dp} micro_batch={config.micro_batch} "
+            f"micro-batches={config.num_micro_batches(training)} schedule={config.schedule.value}"
+            f"{f' v={config.virtual_stages}' if config.virtual_stages > 1 else ''} "
+            f"recompute={config.recompute.value} sp={'on' if config.sequence_parallel else 'off'} "
+            f"zero={config.zero}"
+        )
+        _render(est, header)

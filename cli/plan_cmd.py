@@ -1,0 +1,361 @@
+"""`meshplan plan`: search the fastest configuration that fits, show the alternatives and why.
+
+Owns: the command's options, the progress bar, the rich table of the top-k, the winner's
+stage split, the "why this plan" paragraph, the `--json` document and writing `--out`.
+Does not own: the search (planner/search.py), the cost model (planner/cost/) or the plan
+format (planner/plan.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.common import (
+    err_console,
+    format_bytes,
+    format_seconds,
+    load_cluster_arg,
+    load_model_arg,
+    out_console,
+    print_json,
+    training_from_args,
+)
+from planner.errors import SpecError
+
+CONFIG_FIELDS = (
+    "tp",
+    "pp",
+    "dp",
+    "micro_batch",
+    "schedule",
+    "virtual_stages",
+    "recompute",
+    "sequence_parallel",
+    "zero",
+)
+GIB = 2**30
+# Columns the top-k table needs to print one line per configuration (characters).
+TABLE_WIDTH = 112
+# Above this many model chunks the split is shown per pipeline rank (rows).
+MAX_CHUNK_ROWS = 16
+# Shares of the step below this are not worth naming as a limit (fraction of step time).
+MINOR_SHARE = 0.02
+# Peak memory above this fraction of capacity is called "nearly full" (fraction).
+NEARLY_FULL = 0.9
+
+
+def placement_json(placement: Any, resplit: bool) -> dict[str, Any]:
+    return {
+        "method": placement.method,
+        "objective": placement.objective,
+        "step_time_s": placement.step_time_s,
+        "default_order_step_time_s": placement.default_step_time_s,
+        "speedup": placement.speedup,
+        "explanation": list(placement.explanation),
+        "resplit_layers": resplit,
+    }
+
+
+def plan_json(result: Any, training: Any) -> dict[str, Any]:
+    """The `--json` document: estimate fields + config per plan, then the search counters."""
+    plans = []
+    for p in result.plans:
+        data = p.estimate.to_json()
+        cfg = {name: getattr(p.config, name) for name in CONFIG_FIELDS}
+        cfg["stage_layers"] = p.config.stage_layers
+        cfg["rank_to_gpu"] = p.config.rank_to_gpu
+        data["config"] = cfg
+        data["num_micro_batches"] = p.config.num_micro_batches(training)
+        data["split_status"] = p.split_status.value
+        plans.append(data)
+    return {
+        "plans": plans,
+        "candidates_considered": result.candidates_considered,
+        "candidates_pruned": result.candidates_pruned,
+        "candidates_evaluated": result.candidates_evaluated,
+        "pruned_by": dict(result.pruned_by),
+        "search_complete": result.complete,
+        "search_time_s": result.search_time_s,
+    }
+
+
+def _schedule_text(c: Any) -> str:
+    return c.schedule.value + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else "")
+
+
+def _table(result: Any) -> Table:
+    table = Table(title="best configurations (fastest first)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in (
+        "#",
+        "tp·pp·dp",
+        "mb",
+        "schedule",
+        "recompute",
+        "sp",
+        "ZeRO",
+        "step",
+        "tokens/s",
+        "MFU",
+        "mem/cap GiB",
+    ):
+        table.add_column(col, justify="left" if col in ("schedule", "recompute") else "right")
+    for i, p in enumerate(result.plans):
+        c, e = p.config, p.estimate
+        table.add_row(
+            str(i + 1),
+            f"{c.tp}·{c.pp}·{c.dp}",
+            str(c.micro_batch),
+            _schedule_text(c),
+            c.recompute.value,
+            "on" if c.sequence_parallel else "off",
+            str(c.zero),
+            format_seconds(e.step_time_s),
+            f"{e.tokens_per_s:,.0f}",
+            f"{100 * e.mfu:.1f}%",
+            f"{e.peak_memory_bytes / GIB:.1f}/{e.memory_capacity_bytes / GIB:.1f}",
+        )
+    return table
+
+
+def _split_table(plan: Any, model: Any) -> Table:
+    """One row per chunk; with many chunks (interleaved), one row per pipeline rank."""
+    c = plan.config
+    table = Table(title="winner's layer split", box=box.SIMPLE_HEAD)
+    last = c.num_chunks - 1
+    ranges = c.layer_ranges(model)
+    if c.num_chunks <= MAX_CHUNK_ROWS:
+        for col in ("chunk", "pp rank", "blocks", "layers", "also holds"):
+            table.add_column(col, justify="right" if col != "also holds" else "left")
+        for k, (a, b) in enumerate(ranges):
+            extra = ", ".join(
+                name
+                for name, on in (("embedding", k == 0), ("norm + head + loss", k == last))
+                if on
+            )
+            table.add_row(str(k), str(k % c.pp), str(b - a), f"{a}-{b - 1}", extra)
+        return table
+    for col in ("pp rank", "blocks", "blocks per chunk", "also holds"):
+        table.add_column(col, justify="right" if col != "also holds" else "left")
+    for r in range(c.pp):
+        counts = [b - a for k, (a, b) in enumerate(ranges) if k % c.pp == r]
+        extra = ", ".join(
+            name
+            for name, on in (("embedding", r == 0), ("norm + head + loss", r == last % c.pp))
+            if on
+        )
+        table.add_row(str(r), str(sum(counts)), " ".join(map(str, counts)), extra)
+    return table
+
+
+def why_this_plan(result: Any) -> str:
+    """One paragraph: what the winner spends its step on, what limits it, how it compares."""
+    best = result.plans[0]
+    c, e = best.config, best.estimate
+    bd = e.breakdown
+    step = e.step_time_s
+    parts = {
+        "pipeline bubble": bd.bubble_s,
+        "tensor-parallel communication": bd.tp_comm_s,
+        "pipeline p2p communication": bd.pp_comm_s,
+        "exposed data-parallel communication": bd.dp_comm_s,
+        "the optimizer step": bd.optimizer_s,
+    }
+    name, worst = max(parts.items(), key=lambda kv: (kv[1], kv[0]))
+    text = [
+        f"tp={c.tp} pp={c.pp} dp={c.dp} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
+        f"recompute {c.recompute.value}, ZeRO-{c.zero}) is predicted fastest at "
+        f"{format_seconds(step)} per step ({100 * e.mfu:.1f} % MFU); compute is "
+        f"{100 * bd.compute_s / step:.0f} % of the step."
+    ]
+    if worst / step >= MINOR_SHARE:
+        text.append(f"Its main overhead is {name} ({100 * worst / step:.1f} % of the step).")
+    else:
+        text.append("No overhead exceeds 2 % of the step.")
+    used = e.peak_memory_bytes / e.memory_capacity_bytes
+    if used >= NEARLY_FULL:
+        text.append(
+            f"Memory is nearly full ({100 * used:.0f} % of {format_bytes(e.memory_capacity_bytes)} on "
+            "the fullest GPU), which is what rules out larger micro-batches or less recompute."
+        )
+    else:
+        text.append(f"The fullest GPU uses {100 * used:.0f} % of its memory.")
+    savers = [f"recompute {c.recompute.value}"] if c.recompute.value != "none" else []
+    savers += [f"ZeRO-{c.zero}"] if c.zero > 0 else []
+    savers += ["sequence parallelism"] if c.sequence_parallel else []
+    if savers:
+        text.append(f"Memory savers in use: {', '.join(savers)}.")
+    if len(result.plans) > 1:
+        runner = result.plans[1]
+        gap = runner.estimate.step_time_s / step - 1
+        rc = runner.config
+        text.append(
+            f"The runner-up (tp={rc.tp} pp={rc.pp} dp={rc.dp} mb={rc.micro_batch} "
+            f"{_schedule_text(rc)} recompute {rc.recompute.value} ZeRO-{rc.zero}) is "
+            f"{100 * gap:.2f} % slower."
+        )
+    return " ".join(text)
+
+
+def _render(result: Any, model: Any, cluster: Any) -> None:
+    out = out_console()
+    best = result.plans[0]
+    if best.estimate.source == "analytic":
+        out.print(
+            "[bold yellow]analytic estimate[/] (no measured profile; times from datasheet peaks "
+            "and calibrated efficiency constants)"
+        )
+    out.print(
+        f"{model.name} on {cluster.name} ({cluster.num_gpus} GPUs): "
+        f"{result.candidates_considered} candidates considered, {result.candidates_pruned} pruned "
+        f"({', '.join(f'{k} {v}' for k, v in result.pruned_by.items() if v)}), "
+        f"{result.candidates_evaluated} priced in full, {result.search_time_s:.2f} s"
+        + ("" if result.complete else " [yellow](stopped by --max-time-s: not exhaustive)[/]")
+    )
+    # Pipes get rich's default 80 columns, which would wrap every row of this table.
+    wide = out if out.width >= TABLE_WIDTH else Console(width=TABLE_WIDTH)
+    wide.print(_table(result))
+    out.print(_split_table(best, model))
+    out.print(why_this_plan(result))
+    for note in best.estimate.notes:
+        err_console().print(f"note: {note}")
+
+
+def _render_placement(planned: Any) -> None:
+    pl = planned.placement
+    out = out_console()
+    if pl.speedup > 1.0:
+        out.print(
+            f"placement ({pl.method}): {100 * (pl.speedup - 1):.1f} % faster than the default rank "
+            f"order ({format_seconds(pl.default_step_time_s)} -> {format_seconds(pl.step_time_s)})"
+            + ("; layers re-split for the placed stage speeds" if planned.resplit else "")
+        )
+    else:
+        out.print(f"placement ({pl.method}): the default rank order (tp innermost) is already best")
+    for line in pl.explanation:
+        out.print(f"  - {line}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("plan")
+    def plan_cmd(
+        model: str = typer.Option(
+            ..., "--model", help="Model preset, HF config.json or model YAML."
+        ),
+        cluster: str = typer.Option(..., "--cluster", help="Node-type preset or cluster YAML."),
+        nodes: int = typer.Option(None, "--nodes", help="Number of nodes of a node-type preset."),
+        global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step."),
+        seq_len: int = typer.Option(..., "--seq-len", help="Tokens per sequence."),
+        profile: str = typer.Option(
+            None, "--profile", help="Measured profile.json (default: analytic)."
+        ),
+        top: int = typer.Option(5, "--top", help="How many configurations to show."),
+        out: str = typer.Option(None, "--out", help="Write the winner as plan.json here."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+        allow: str = typer.Option(
+            None,
+            "--allow",
+            help="Widen the search: tp (tensor parallel across nodes), zero (ZeRO-2/3 with "
+            "pipelining), gpipe (the GPipe schedule); comma-separated.",
+        ),
+        fix: list[str] = typer.Option(
+            None,
+            "--fix",
+            help="Pin config fields, e.g. --fix tp=8,pp=4 --fix schedule=interleaved. Fields: "
+            "tp, pp, dp, micro_batch, schedule, virtual_stages, recompute, "
+            "sequence_parallel, zero.",
+        ),
+        max_time_s: float = typer.Option(
+            None, "--max-time-s", help="Stop searching after this many seconds (best so far)."
+        ),
+        dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32"),
+        placement_budget_s: float = typer.Option(
+            3.0,
+            "--placement-budget-s",
+            help="Time for the rank-placement search on large clusters.",
+        ),
+        emit: str = typer.Option(
+            None, "--emit", help="Also write launch files here (implies --out DIR/plan.json)."
+        ),
+        report: str = typer.Option(None, "--report", help="Also write the plan's pictures here."),
+    ) -> None:
+        """Search the fastest parallel configuration that fits memory; show the top-k and why."""
+        from planner.plan import build_plan, save_plan
+        from planner.planning import place_winner
+        from planner.profile import load_profile, profile_sha256
+        from planner.search import SearchOptions, parse_allow, parse_fix, search
+
+        if placement_budget_s <= 0:
+            raise SpecError(f"--placement-budget-s {placement_budget_s} must be > 0")
+
+        options = SearchOptions(
+            top_k=top,
+            allow=parse_allow(allow),
+            fix=parse_fix(fix or []),
+            max_time_s=max_time_s,
+        )
+        model_spec = load_model_arg(model)
+        cluster_spec = load_cluster_arg(cluster, nodes)
+        training = training_from_args(global_batch, seq_len, dtype, model_spec)
+        prof = load_profile(profile) if profile else None
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err_console(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("searching", total=None)
+
+            def progress(phase: str, done: int, total: int) -> None:
+                bar.update(task, description=phase, completed=done, total=total)
+
+            result = search(
+                model_spec, training, cluster_spec, options, profile=prof, progress=progress
+            )
+            bar.update(task, description="placing ranks", completed=0, total=None)
+            planned = place_winner(
+                model_spec, training, cluster_spec, result, prof, time_budget_s=placement_budget_s
+            )
+        result = replace(result, plans=planned.plans)
+        if emit and not out:
+            out = str(Path(emit).with_name(Path(emit).name + "-plan.json"))
+        if out or report:
+            best = result.plans[0]
+            plan = build_plan(
+                model=model_spec,
+                training=training,
+                cluster=cluster_spec,
+                config=best.config,
+                prediction=best.estimate.to_json(),
+                source=best.estimate.source,
+                profile_sha256=profile_sha256(prof) if prof else None,
+            )
+            if out:
+                save_plan(plan, out)
+            if report:
+                from cli.report_render import write_plan_report
+
+                write_plan_report(plan, plan.prediction, report)
+        if emit:
+            from cli.launch_cmd import emit_files
+
+            emit_files(out, emit)
+        if as_json:
+            doc = plan_json(result, training)
+            doc["placement"] = placement_json(planned.placement, planned.resplit)
+            print_json(doc)
+        else:
+            _render(result, model_spec, cluster_spec)
+            _render_placement(planned)
+            for path, what in ((out, "plan"), (emit, "launch files"), (report, "report")):
+                if path:
+                    err_console().print(f"wrote {what}: {path}")

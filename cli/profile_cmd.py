@@ -1,0 +1,187 @@
+"""`meshplan profile`: measure compute, memory and links; `meshplan profile merge`: join node parts.
+
+`profile` is a typer group whose callback runs the measurement when no subcommand is given
+(`invoke_without_command`), so `meshplan profile --device cpu --quick` and
+`meshplan profile merge DIR --out profile.json` both work. torch is imported only inside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from cli.common import err_console, load_model_arg, out_console, print_json
+from planner.errors import SpecError
+from planner.serialize import to_jsonable
+
+DEFAULT_MODEL = "tiny-gpt"
+
+
+def parse_int_list(option: str, text: str | None) -> tuple[int, ...] | None:
+    """'1,2,4' -> (1, 2, 4); None stays None (use the default)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise SpecError(
+            f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,4"
+        ) from None
+    if not values:
+        raise SpecError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,2,4")
+    return values
+
+
+def _parse_phases(text: str) -> tuple[bool, bool]:
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = parts - {"compute", "links"}
+    if unknown or not parts:
+        raise SpecError(f"--phases {text!r}: use compute, links or compute,links")
+    return "compute" in parts, "links" in parts
+
+
+def register(app: typer.Typer) -> None:
+    group = typer.Typer(
+        name="profile",
+        help="Measure compute, memory and links on this host's devices (or merge node profiles).",
+        invoke_without_command=True,
+        no_args_is_help=False,
+    )
+
+    @group.callback(invoke_without_command=True)
+    def profile(
+        ctx: typer.Context,
+        model: str = typer.Option(
+            DEFAULT_MODEL, "--model", "-m", help="Preset name, HF config.json or model YAML."
+        ),
+        device: str = typer.Option(
+            "cpu", "--device", help="cpu (gloo, N processes) or cuda (nccl)."
+        ),
+        nproc: int | None = typer.Option(
+            None, "--nproc", help="Local workers (default: 2 on cpu, all GPUs on cuda)."
+        ),
+        tp: str | None = typer.Option(
+            None,
+            "--tp",
+            help="TP degrees to time blocks at, e.g. 1,2 (default: powers of 2 up to nproc).",
+        ),
+        micro_batches: str | None = typer.Option(
+            None, "--micro-batches", help="Micro-batch sizes, e.g. 1,2,4."
+        ),
+        seq_len: int | None = typer.Option(
+            None, "--seq-len", help="Sequence length (default: the model's, at most 4096)."
+        ),
+        dtype: str | None = typer.Option(
+            None, "--dtype", help="bf16|fp16|fp32 (default: fp32 on cpu, bf16 on cuda)."
+        ),
+        quick: bool = typer.Option(False, "--quick", help="Few sizes, few repeats."),
+        budget_s: float | None = typer.Option(
+            None, "--budget-s", help="Stop measuring after this many seconds (half for compute)."
+        ),
+        phases: str = typer.Option("compute,links", "--phases", help="compute, links or both."),
+        out: str | None = typer.Option(
+            None, "--out", "-o", help="profile.json, or a DIR for DIR/profile-<host>.json."
+        ),
+        distributed: bool = typer.Option(
+            False,
+            "--distributed",
+            help="Run as one process of a torchrun job (one per GPU, every node).",
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    ) -> None:
+        """Measure per-block compute and memory, every device pair and collectives; write a profile."""
+        if ctx.invoked_subcommand is not None:
+            return
+        from planner.specs import Dtype
+        from profiler import device as dev
+        from profiler.run import run_profile
+        from profiler.settings import make_settings
+        from profiler.summary import render_summary
+
+        kind = dev.parse_device_kind(device)
+        if dtype is not None and dtype not in {d.value for d in Dtype}:
+            raise SpecError(f"--dtype {dtype!r} is not allowed; use one of bf16|fp16|fp32")
+        spec = load_model_arg(model)
+        if nproc is None:
+            import os
+
+            if distributed:
+                nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            elif device == "cpu":
+                nproc = 2
+            else:
+                import torch
+
+                nproc = max(1, torch.cuda.device_count())
+        if nproc < 1:
+            raise SpecError(f"--nproc {nproc}: must be a positive integer")
+        measure_compute, measure_links = _parse_phases(phases)
+        from dataclasses import replace
+
+        settings = replace(
+            make_settings(
+                model=spec,
+                device_kind=kind,
+                devices_per_node=nproc,
+                tps=parse_int_list("--tp", tp),
+                micro_batches=parse_int_list("--micro-batches", micro_batches),
+                seq_len=seq_len,
+                dtype=Dtype(dtype) if dtype else None,
+                quick=quick,
+                budget_s=budget_s,
+            ),
+            measure_compute=measure_compute,
+            measure_links=measure_links,
+        )
+        console = err_console()
+        result = run_profile(
+            settings, nproc=nproc, distributed=distributed, out=out, console=console
+        )
+        if result.profile is None:
+            return
+        if as_json:
+            print_json(
+                {
+                    "out": [str(p) for p in result.written],
+                    "elapsed_s": round(result.elapsed_s, 3),
+                    "profile": to_jsonable(result.profile),
+                }
+            )
+            return
+        render_summary(result.profile, out_console())
+        for path in result.written:
+            console.print(f"wrote {path} in {result.elapsed_s:.1f} s")
+
+    @group.command("merge")
+    def merge(
+        sources: list[str] = typer.Argument(..., help="Directories of profile-*.json, or files."),
+        out: str = typer.Option(
+            "profile.json", "--out", "-o", help="The cluster profile to write."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    ) -> None:
+        """Merge node profiles into one cluster profile (rejects duplicates, gaps, mismatches)."""
+        from planner.profile import save_profile
+        from profiler.merge import collect_paths, load_sources, merge_profiles
+        from profiler.summary import render_summary
+
+        out_path = Path(out)
+        merged, notes = merge_profiles(load_sources(collect_paths(sources), out_path))
+        try:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            save_profile(merged, out_path)
+        except OSError as e:
+            raise SpecError(f"--out {out}: cannot write ({e.strerror})") from None
+        console = err_console()
+        if as_json:
+            print_json({"out": str(out_path), "notes": notes, "profile": to_jsonable(merged)})
+            return
+        render_summary(merged, out_console())
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}")
+        console.print(
+            f"wrote {out_path}: {len(merged.gpus)} device(s) on {len(merged.meta.hosts)} host(s)"
+        )
+
+    app.add_typer(group, name="profile")

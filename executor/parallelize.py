@@ -1,0 +1,88 @@
+"""The one entry that turns a plan into this rank's ready-to-train model chunks.
+
+Owns: `parallelize` and `ParallelModel`. Does not own: any single technique (tp.py, pp.py,
+dp.py, activation_checkpoint.py) or the loop (train.py).
+
+Fixed order, each step on every local chunk (torchtitan's order):
+1. build the full `Transformer` on the meta device and prune it to the chunk (pp.py),
+   so a rank only ever allocates its own stages;
+2. tensor parallel (tp.py), still on meta;
+3. materialise on the device and initialise from (seed, parameter name) (model.init_weights),
+   so values are identical for any layout;
+4. activation checkpointing per the plan's recompute mode (activation_checkpoint.py);
+5. data parallel per the ZeRO stage (dp.py) when dp > 1;
+6. with pp > 1, pipeline stages and the plan's schedule (pp.py).
+
+Embeddings stay tied only when the embedding and the head live in one chunk (pp = 1); across
+pipeline stages they are untied (an extra vocab x hidden head matrix on the last stage, which
+`ModelSpec.param_count` does not count for a tied model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from executor.activation_checkpoint import apply_ac
+from executor.device import Runtime
+from executor.dp import apply_dp
+from executor.mesh import MeshInfo
+from executor.model import Transformer, init_weights, loss_fn
+from executor.pp import build_schedule, local_chunks, prune_to_chunk
+from executor.tp import apply_tp
+from planner.parallel import MeshAxis
+from planner.plan import Plan, StagePlan
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelModel:
+    """This rank's chunks (in chunk order) and, with pp > 1, the pipeline schedule."""
+
+    chunks: tuple[tuple[StagePlan, Transformer], ...]
+    schedule: _PipelineSchedule | None
+    has_embedding: bool
+    has_head: bool
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [m for _, m in self.chunks]
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules for p in m.parameters()]
+
+
+def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> ParallelModel:
+    """Apply pp -> tp -> materialise/init -> AC -> dp -> pipeline schedule, in that order."""
+    cfg = plan.config
+    tie = plan.model.tied_embeddings and cfg.pp == 1
+    chunks: list[tuple[StagePlan, Transformer]] = []
+    for stage in local_chunks(plan, mesh.pp_rank):
+        with torch.device("meta"):
+            model = prune_to_chunk(Transformer(plan.model, tie_embeddings=tie), stage)
+        if cfg.tp > 1:
+            apply_tp(model, mesh.sub(MeshAxis.TP), sequence_parallel=cfg.sequence_parallel)
+        model.to_empty(device=runtime.device)
+        model.tie_weights()
+        init_weights(model, seed)
+        for block in model.layers.values():
+            apply_ac(block, cfg.recompute)
+        if cfg.dp > 1:
+            apply_dp(
+                model,
+                mesh.sub(MeshAxis.DP),
+                zero=cfg.zero,
+                param_dtype=runtime.compute_dtype,
+            )
+        chunks.append((stage, model))
+    schedule = None
+    if cfg.pp > 1:
+        schedule = build_schedule(plan, chunks, mesh, runtime.device, loss_fn)
+    return ParallelModel(
+        chunks=tuple(chunks),
+        schedule=schedule,
+        has_embedding=any(s.has_embedding for s, _ in chunks),
+        has_head=any(s.has_head for s, _ in chunks),
+    )

@@ -1,0 +1,362 @@
+"""The cost model's entry points: `estimate` (step time, memory, throughput) and `split_problem`.
+
+Owns: the result types (`Estimate` and its breakdowns, the `meshplan estimate --json` object),
+the assembly of a step from per-rank costs (rankcosts.py) and the pipeline event simulation
+(schedule.py), the DP gradient-synchronisation overlap model, the optimizer step time and the
+throughput figures; the SplitProblem builder for the layer-split ILP.
+Does not own: the formulas (analytic.py, memory.py, comm.py) or the ILP (planner/ilp.py).
+
+Step time = pipeline makespan (event simulation over per-chunk forward/backward times incl. TP
+collectives, p2p between chunks) + the exposed DP synchronisation + the optimizer step, taken on
+the rank that finishes last. Overlap model: gradient all-reduce / reduce-scatter is bucketed and
+overlaps the backward of the rank's last micro-batch (PyTorch DDP, Li et al. 2020 VLDB Sec. 3.2;
+FSDP) for ZeRO-0/1; ZeRO-2/3 reduce-scatter after every micro-batch so gradients stay sharded;
+the parameter all-gather of ZeRO-1/2 follows the optimizer step and is exposed; ZeRO-3
+gathers weights in forward and backward of every micro-batch, prefetched under that
+micro-batch's compute (only the excess over that compute is exposed).
+Memory: exactly `SplitProblem.rank_memory_bytes` of the split, per pipeline rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from planner.cost import analytic, memory
+from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
+from planner.cost.rankcosts import AG, AR, RS, RankCosts, build_rank_costs
+from planner.cost.schedule import simulate
+from planner.cost.split_problem import SplitProblem
+from planner.parallel import ParallelConfig
+from planner.profile import Profile
+from planner.specs import ClusterSpec, Dtype, ModelSpec, TrainingSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeBreakdown:
+    """Seconds of one step on the critical rank; the fields sum to the step time."""
+
+    compute_s: float
+    tp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float
+    bubble_s: float
+    optimizer_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Bytes on one GPU by kind; `other` = framework reserve, allocator fragmentation,
+    transient buffers (recompute working set, ZeRO-3 gathers, p2p buffers)."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    other: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageEstimate:
+    pp_rank: int
+    layers: int
+    time_s: float
+    memory_bytes: float
+    capacity_bytes: float
+    memory: MemoryBreakdown
+
+
+@dataclass(frozen=True, kw_only=True)
+class Estimate:
+    step_time_s: float
+    tokens_per_s: float
+    model_tflops_per_gpu: float
+    hardware_tflops_per_gpu: float
+    mfu: float
+    peak_memory_bytes: float
+    memory_capacity_bytes: float
+    fits: bool
+    source: str
+    breakdown: TimeBreakdown
+    memory_breakdown: MemoryBreakdown
+    stages: tuple[StageEstimate, ...]
+    notes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        def mem(b: MemoryBreakdown) -> dict[str, float]:
+            return {
+                k: getattr(b, k) for k in ("weights", "grads", "optimizer", "activations", "other")
+            }
+
+        return {
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "model_tflops_per_gpu": self.model_tflops_per_gpu,
+            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
+            "mfu": self.mfu,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "memory_capacity_bytes": self.memory_capacity_bytes,
+            "fits": self.fits,
+            "source": self.source,
+            "breakdown": {
+                k: getattr(self.breakdown, k)
+                for k in (
+                    "compute_s",
+                    "tp_comm_s",
+                    "pp_comm_s",
+                    "dp_comm_s",
+                    "bubble_s",
+                    "optimizer_s",
+                )
+            },
+            "memory_breakdown": mem(self.memory_breakdown),
+            "stages": [
+                {
+                    "pp_rank": s.pp_rank,
+                    "layers": s.layers,
+                    "time_s": s.time_s,
+                    "memory_bytes": s.memory_bytes,
+                    "capacity_bytes": s.capacity_bytes,
+                    "memory": mem(s.memory),
+                }
+                for s in self.stages
+            ],
+            "notes": list(self.notes),
+        }
+
+
+def _problem(rc: RankCosts, num_layers: int) -> SplitProblem:
+    frag = 1.0 + memory.ALLOCATOR_FRAGMENTATION
+    per_param = rc.state.total
+    chunk_boundaries = rc.pp * rc.virtual_stages - 1
+    p2p_chain = sum(rc.p2p_s[k % rc.pp] for k in range(chunk_boundaries))
+    return SplitProblem(
+        num_layers=num_layers,
+        pp=rc.pp,
+        virtual_stages=rc.virtual_stages,
+        num_micro_batches=rc.num_micro_batches,
+        block_time_s=tuple(b.total_s for b in rc.block),
+        embedding_time_s=rc.embedding.total_s,
+        head_time_s=rc.head.total_s,
+        # forward and backward each cross every chunk boundary once on the critical path
+        boundary_p2p_s=2.0 * p2p_chain,
+        block_static_bytes=rc.params.per_block * per_param,
+        block_activation_bytes=rc.block_activation_bytes * frag,
+        in_flight=rc.in_flight,
+        embedding_static_bytes=rc.params.embedding * per_param,
+        embedding_activation_bytes=rc.embedding_activation_bytes * frag,
+        head_static_bytes=rc.params.head * per_param,
+        head_activation_bytes=rc.head_activation_bytes * frag,
+        fixed_bytes=rc.fixed_bytes,
+        capacity_bytes=rc.capacity_bytes,
+    )
+
+
+def split_problem(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    profile: Profile | None = None,
+    *,
+    constants: AnalyticConstants = DEFAULT_CONSTANTS,
+) -> SplitProblem:
+    """The plain-number view of this cost model for the layer-split ILP (stage_layers ignored)."""
+    config = replace(config, stage_layers=None)
+    return _problem(
+        build_rank_costs(model, training, cluster, config, profile, constants), model.layers
+    )
+
+
+def _chunk_times(rc: RankCosts, split: tuple[int, ...], attr: str) -> tuple[float, ...]:
+    last = len(split) - 1
+    out = []
+    for k, n in enumerate(split):
+        t = n * getattr(rc.block[k % rc.pp], attr)
+        t += getattr(rc.embedding, attr) if k == 0 else 0.0
+        t += getattr(rc.head, attr) if k == last else 0.0
+        out.append(t)
+    return tuple(out)
+
+
+def estimate(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    profile: Profile | None = None,
+    *,
+    constants: AnalyticConstants = DEFAULT_CONSTANTS,
+) -> Estimate:
+    """Predict one training step: time with breakdown, memory per pipeline rank, throughput.
+
+    Raises ConfigError (from config.validate) naming the broken rule. `constants` replaces the
+    analytic efficiency constants (the calibration script fits them; everyone else keeps the
+    default).
+    """
+    rc = build_rank_costs(model, training, cluster, config, profile, constants)
+    problem = _problem(rc, model.layers)
+    split = config.layers_per_chunk(model)
+    pp, v, m = rc.pp, rc.virtual_stages, rc.num_micro_batches
+    chunks = pp * v
+    fwd = _chunk_times(rc, split, "fwd_s")
+    bwd = _chunk_times(rc, split, "bwd_s")
+    p2p = tuple(rc.p2p_s[k % pp] for k in range(chunks - 1))
+    sched = config.schedule.value
+    sim = simulate(
+        sched, pp=pp, virtual_stages=v, num_micro_batches=m, fwd_s=fwd, bwd_s=bwd, p2p_s=p2p
+    )
+    if any(p2p):
+        no_p2p = simulate(
+            sched,
+            pp=pp,
+            virtual_stages=v,
+            num_micro_batches=m,
+            fwd_s=fwd,
+            bwd_s=bwd,
+            p2p_s=(0.0,) * len(p2p),
+        ).makespan_s
+    else:
+        no_p2p = sim.makespan_s
+
+    # per-rank parameters, DP synchronisation and optimizer step
+    layers_on = [0] * pp
+    for k, n in enumerate(split):
+        layers_on[k % pp] += n
+    last_rank = (chunks - 1) % pp
+    dtype, grad_bytes = training.dtype, training.grad_dtype.nbytes
+    opt_state = (
+        memory.ADAM_FP32_BYTES_PER_PARAM
+        if dtype is Dtype.FP32
+        else memory.ADAM_MIXED_BYTES_PER_PARAM
+    )
+    # Adam reads state + grads and writes state + weights (fp32 weights are also read)
+    touched_per_param = (
+        2 * opt_state + grad_bytes + dtype.nbytes * (2 if dtype is Dtype.FP32 else 1)
+    )
+    rank_bwd = [0.0] * pp
+    rank_params = [0] * pp
+    for k in range(chunks):
+        rank_bwd[k % pp] += bwd[k]
+    ends, opt_times = [], []
+    for r in range(pp):
+        n_params = layers_on[r] * rc.params.per_block
+        n_params += rc.params.embedding if r == 0 else 0
+        n_params += rc.params.head if r == last_rank else 0
+        exposed = 0.0
+        if config.dp > 1:
+            sync_op = AR if config.zero == 0 else RS
+            sync = rc.dp_collective_s(sync_op, r, n_params * grad_bytes)
+            if config.zero <= 1:
+                # once per step, overlapping the backward of the rank's last micro-batch
+                exposed = max(0.0, sync - rank_bwd[r])
+            elif config.zero == 2:
+                # gradients stay sharded: a reduce-scatter after every micro-batch's backward
+                # (executor/train.py), each overlapping that backward
+                exposed = m * max(0.0, sync - rank_bwd[r])
+            if config.zero in (1, 2):
+                exposed += rc.dp_collective_s(AG, r, n_params * dtype.nbytes)
+            if config.zero == 3:
+                gather = rc.dp_collective_s(
+                    AG, r, layers_on[r] * rc.params.per_block * dtype.nbytes
+                )
+                compute_per_mb = layers_on[r] * (
+                    rc.block[r].fwd_compute_s + rc.block[r].bwd_compute_s
+                )
+                # per micro-batch: weights gathered for forward and again for backward, and
+                # the gradient reduce-scatter, all prefetched/overlapped under its compute
+                exposed = m * max(0.0, 2.0 * gather + sync - compute_per_mb)
+        shard = config.dp if config.zero >= 1 else 1
+        opt = n_params / shard * touched_per_param / rc.hbm_bytes_per_s[r]
+        opt_times.append(opt)
+        ends.append(sim.rank_finish_s[r] + exposed + opt)
+        rank_params[r] = n_params
+    step = max(ends)
+    crit = ends.index(step)
+    tail = step - sim.makespan_s
+    optimizer_s = min(opt_times[crit], tail)
+    # bottleneck rank: the one with the most work per micro-batch
+    busy = [0.0] * pp
+    comp = [0.0] * pp
+    tpc = [0.0] * pp
+    for k, n in enumerate(split):
+        r = k % pp
+        parts = [(n, rc.block[r])]
+        if k == 0:
+            parts.append((1, rc.embedding))
+        if k == chunks - 1:
+            parts.append((1, rc.head))
+        for cnt, p in parts:
+            comp[r] += cnt * (p.fwd_compute_s + p.bwd_compute_s)
+            tpc[r] += cnt * (p.fwd_tp_s + p.bwd_tp_s)
+            busy[r] += cnt * p.total_s
+    b = busy.index(max(busy))
+
+    def clean(x: float) -> float:
+        # differences of sums: float noise around 0 would print as -0.0
+        return 0.0 if abs(x) < 1e-9 * step else x
+
+    breakdown = TimeBreakdown(
+        compute_s=m * comp[b],
+        tp_comm_s=m * tpc[b],
+        pp_comm_s=clean(sim.makespan_s - no_p2p),
+        dp_comm_s=clean(tail - optimizer_s),
+        bubble_s=clean(no_p2p - m * busy[b]),
+        optimizer_s=optimizer_s,
+    )
+
+    # memory per rank, from the SplitProblem so the ILP and the estimate agree exactly
+    rank_mem = problem.rank_memory_bytes(split)
+    st = rc.state
+    stages = []
+    for r in range(pp):
+        n_params = rank_params[r]
+        act = sum(
+            n * rc.in_flight[r] * rc.block_activation_bytes
+            for k, n in enumerate(split)
+            if k % pp == r
+        )
+        act += rc.in_flight[0] * rc.embedding_activation_bytes if r == 0 else 0.0
+        act += rc.head_activation_bytes if r == last_rank else 0.0
+        w, g, o = n_params * st.weights, n_params * st.grads, n_params * st.optimizer
+        mb = MemoryBreakdown(
+            weights=w, grads=g, optimizer=o, activations=act, other=rank_mem[r] - w - g - o - act
+        )
+        stages.append(
+            StageEstimate(
+                pp_rank=r,
+                layers=layers_on[r],
+                time_s=busy[r],
+                memory_bytes=rank_mem[r],
+                capacity_bytes=rc.capacity_bytes[r],
+                memory=mb,
+            )
+        )
+    worst = max(range(pp), key=lambda r: rank_mem[r] / rc.capacity_bytes[r])
+
+    tokens = training.global_batch * training.seq_len
+    n_gpus = cluster.num_gpus
+    model_flops = analytic.model_flops_per_step(model, training.global_batch, training.seq_len)
+    hw_flops = analytic.hardware_flops_per_step(
+        model,
+        training.global_batch,
+        training.seq_len,
+        config.recompute.value,
+        training.flash_attention,
+    )
+    peak_sum = sum(n.gpu.peak_flops(dtype) * n.gpus for n in cluster.nodes)
+    return Estimate(
+        step_time_s=step,
+        tokens_per_s=tokens / step,
+        model_tflops_per_gpu=model_flops / n_gpus / step / 1e12,
+        hardware_tflops_per_gpu=hw_flops / n_gpus / step / 1e12,
+        mfu=model_flops / step / peak_sum,
+        peak_memory_bytes=rank_mem[worst],
+        memory_capacity_bytes=rc.capacity_bytes[worst],
+        fits=problem.fits(split),
+        source=rc.source,
+        breakdown=breakdown,
+        memory_breakdown=stages[worst].memory,
+        stages=tuple(stages),
+        notes=rc.notes,
+    )

@@ -1,0 +1,311 @@
+"""Per-pipeline-rank cost coefficients of one configuration (split-independent).
+
+Owns: turning specs + config (+ profile) into the per-block, per-rank numbers that both the
+event-simulated estimate and the ILP's SplitProblem use: block/embedding/head forward and
+backward times (compute and TP collectives apart), p2p times per pipeline boundary, DP
+collective links, memory coefficients, capacities, and the notes saying where each number
+came from. Computing them once keeps `estimate` and `split_problem` consistent by construction.
+Does not own: the schedule (schedule.py) or the final assembly (estimate.py).
+
+Heterogeneous clusters: a pipeline rank's time is its slowest GPU type's time and its capacity
+the smallest GPU memory among its GPUs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from planner.cost import analytic, compute, memory
+from planner.cost.analytic import AnalyticConstants, PassTimes
+from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
+from planner.parallel import MeshAxis, ParallelConfig
+from planner.profile import BlockKind, CollectiveOp, Profile
+from planner.specs import ClusterSpec, DeviceKind, GpuSpec, ModelSpec, TrainingSpec
+
+AR, AG, RS = CollectiveOp.ALL_REDUCE, CollectiveOp.ALL_GATHER, CollectiveOp.REDUCE_SCATTER
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartTimes:
+    """Per-micro-batch seconds of one part on one rank: compute and TP collectives apart."""
+
+    fwd_compute_s: float
+    bwd_compute_s: float
+    fwd_tp_s: float
+    bwd_tp_s: float
+
+    @property
+    def fwd_s(self) -> float:
+        return self.fwd_compute_s + self.fwd_tp_s
+
+    @property
+    def bwd_s(self) -> float:
+        return self.bwd_compute_s + self.bwd_tp_s
+
+    @property
+    def total_s(self) -> float:
+        return self.fwd_s + self.bwd_s
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankCosts:
+    pp: int
+    virtual_stages: int
+    num_micro_batches: int
+    block: tuple[PartTimes, ...]  # per pipeline rank, one block
+    embedding: PartTimes  # on rank 0
+    head: PartTimes  # on the last chunk's rank
+    p2p_s: tuple[float, ...]  # rank r -> rank (r+1) % pp, per micro-batch and direction
+    dp_links: tuple[GroupLink, ...]
+    dp_groups: tuple[np.ndarray, ...]  # per pipeline rank, rows = DP groups of GPU ids
+    profile: Profile | None
+    params: memory.RankParams
+    state: memory.StateBytesPerParam
+    block_activation_bytes: float  # raw, per micro-batch
+    embedding_activation_bytes: float
+    head_activation_bytes: float
+    in_flight: tuple[float, ...]
+    fixed_bytes: tuple[float, ...]
+    capacity_bytes: tuple[float, ...]
+    hbm_bytes_per_s: tuple[float, ...]  # slowest HBM per rank (optimizer step)
+    source: str
+    notes: tuple[str, ...]
+
+    def dp_collective_s(self, op: CollectiveOp, rank: int, nbytes: float) -> float:
+        """A DP collective of rank `rank`'s groups: measured fit when profiled, else ring model."""
+        measured = measured_collective_s(self.profile, op, self.dp_groups[rank], nbytes)
+        return measured if measured is not None else ring_time_s(op, nbytes, self.dp_links[rank])
+
+
+def _profile_matches(profile: Profile, model: ModelSpec) -> bool:
+    meta = profile.meta.model
+    return meta is not None and replace(meta, name=model.name) == model
+
+
+def _rank_gpu_types(arrays: ClusterArrays, cluster: ClusterSpec, pp: int) -> list[list[int]]:
+    """Indices of the distinct node entries (by GPU name) present on each pipeline rank."""
+    names = [n.gpu.name for n in cluster.nodes]
+    first_of = {name: names.index(name) for name in names}
+    canon = np.array([first_of[n] for n in names])
+    return [sorted(set(np.unique(canon[arrays.node[r]]).tolist())) for r in range(pp)]
+
+
+def build_rank_costs(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    profile: Profile | None,
+    constants: AnalyticConstants,
+) -> RankCosts:
+    config.validate(model, training, cluster)
+    pp, tp, v = config.pp, config.tp, config.virtual_stages
+    mb, seq, dtype = config.micro_batch, training.seq_len, training.dtype
+    sp, rc, flash = config.sequence_parallel, config.recompute.value, training.flash_attention
+    m = config.num_micro_batches(training)
+    notes: list[str] = []
+    arrays = ClusterArrays(cluster, config, constants.link_efficiency)
+    types = _rank_gpu_types(arrays, cluster, pp)
+    gpus: dict[int, GpuSpec] = {i: cluster.nodes[i].gpu for t in types for i in t}
+
+    def act(seq_par: bool, recompute: str) -> float:
+        return memory.block_activation_bytes(
+            model,
+            micro_batch=mb,
+            seq_len=seq,
+            tp=tp,
+            sequence_parallel=seq_par,
+            recompute=recompute,
+            flash_attention=flash,
+            dtype=dtype,
+        )
+
+    block_act = act(sp, rc)
+    block_act_none = act(sp, "none")
+
+    # --- compute per GPU type: measured when the profile covers it, else analytic
+    use_profile = profile is not None and bool(profile.compute)
+    if profile is not None and use_profile and not _profile_matches(profile, model):
+        notes.append(
+            f"profile was measured for a different model than '{model.name}'; compute from the analytic model"
+        )
+        use_profile = False
+    device_names = (
+        compute.node_device_names(profile, cluster) if profile is not None and use_profile else ()
+    )
+    parts: dict[int, dict[str, PassTimes]] = {}
+    measured_blocks = bool(use_profile)
+    measured_act: float | None = None
+    for i, gpu in gpus.items():
+        analytic_parts = {
+            "block": analytic.block_times(
+                model,
+                micro_batch=mb,
+                seq_len=seq,
+                tp=tp,
+                recompute=rc,
+                flash_attention=flash,
+                elementwise_bytes=block_act_none,
+                gpu=gpu,
+                dtype=dtype,
+                c=constants,
+            ),
+            "embedding": analytic.embedding_times(
+                model, micro_batch=mb, seq_len=seq, gpu=gpu, dtype=dtype, c=constants
+            ),
+            "head": analytic.head_times(
+                model, micro_batch=mb, seq_len=seq, tp=tp, gpu=gpu, dtype=dtype, c=constants
+            ),
+        }
+        dev = device_names[i] if use_profile else None
+        for key, kind in (
+            ("block", BlockKind.TRANSFORMER_BLOCK),
+            ("embedding", BlockKind.EMBEDDING),
+            ("head", BlockKind.HEAD_AND_LOSS),
+        ):
+            rec = None
+            if dev is not None and profile is not None:
+                rec = compute.lookup(
+                    profile,
+                    block=kind,
+                    device_name=dev,
+                    tp=tp,
+                    micro_batch=mb,
+                    seq_len=seq,
+                    recompute=rc,
+                )
+            if rec is None:
+                if key == "block":
+                    measured_blocks = False
+                if use_profile:
+                    notes.append(
+                        f"{kind.value} on {gpu.name}: not in the profile, analytic estimate"
+                    )
+                continue
+            analytic_parts[key] = PassTimes(forward_s=rec.forward_s, backward_s=rec.backward_s)
+            if rec.note:
+                notes.append(rec.note)
+            if key == "block" and rec.activation_bytes is not None:
+                measured_act = rec.activation_bytes
+        parts[i] = analytic_parts
+    source = "measured" if measured_blocks else "analytic"
+    if measured_blocks and measured_act is not None:
+        if sp:
+            # the profiler measures blocks without SP; SP shards the replicated part (Table 2)
+            measured_act *= block_act / act(False, rc)
+        block_act = measured_act
+    if source == "analytic":
+        notes.insert(0, "analytic estimate")
+
+    # --- collectives
+    buf = float(mb * seq * model.hidden * dtype.nbytes)
+    tp_links = arrays.axis_links(MeshAxis.TP)
+    tp_measured = profile is not None and bool(profile.collectives)
+
+    def tp_coll(op: CollectiveOp, r: int, nbytes: float) -> float:
+        if tp == 1:
+            return 0.0
+        if tp_measured:
+            t = measured_collective_s(profile, op, arrays.gpu[r], nbytes)
+            if t is not None:
+                return t
+        return ring_time_s(op, nbytes, tp_links[r])
+
+    blocks, emb, head = [], None, None
+    last_rank = (pp * v - 1) % pp
+    for r in range(pp):
+        worst = max(
+            types[r], key=lambda i: parts[i]["block"].forward_s + parts[i]["block"].backward_s
+        )
+        bt = parts[worst]["block"]
+        # Megatron: 2 all-reduces per pass (f/g operators); SP: all-gather + reduce-scatter
+        # in their place, same volume (Korthikanti et al. 2022 Sec. 4.2.2)
+        once = 2 * tp_coll(AG, r, buf) + 2 * tp_coll(RS, r, buf) if sp else 2 * tp_coll(AR, r, buf)
+        blocks.append(
+            PartTimes(
+                fwd_compute_s=bt.forward_s,
+                bwd_compute_s=bt.backward_s,
+                fwd_tp_s=once,
+                bwd_tp_s=once * (2 if rc == "full" else 1),
+            )
+        )
+        if r == 0:
+            et = max(
+                (parts[i]["embedding"] for i in types[r]), key=lambda p: p.forward_s + p.backward_s
+            )
+            emb = PartTimes(
+                fwd_compute_s=et.forward_s,
+                bwd_compute_s=et.backward_s,
+                fwd_tp_s=tp_coll(RS if sp else AR, r, buf),
+                bwd_tp_s=tp_coll(AG, r, buf) if sp else 0.0,
+            )
+        if r == last_rank:
+            ht = max((parts[i]["head"] for i in types[r]), key=lambda p: p.forward_s + p.backward_s)
+            loss = 3 * tp_coll(
+                AR, r, 4.0 * mb * seq
+            )  # vocab-parallel cross-entropy (max, sum, target)
+            head = PartTimes(
+                fwd_compute_s=ht.forward_s,
+                bwd_compute_s=ht.backward_s,
+                fwd_tp_s=(tp_coll(AG, r, buf) if sp else 0.0) + loss,
+                bwd_tp_s=tp_coll(RS if sp else AR, r, buf),
+            )
+    assert emb is not None and head is not None
+
+    p2p_bytes = buf / tp if sp else buf
+    p2p = tuple(
+        arrays.boundary_p2p_s(r, (r + 1) % pp, p2p_bytes, profile) if pp > 1 else 0.0
+        for r in range(pp)
+    )
+    if profile is None or not (profile.p2p or profile.collectives):
+        notes.append("links from the cluster's link classes (no measured link profile)")
+
+    # --- memory
+    params = memory.tp_rank_params(model, tp, config.num_chunks)
+    state = memory.state_bytes_per_param(dtype, training.grad_dtype, config.zero, config.dp)
+    frag = memory.ALLOCATOR_FRAGMENTATION
+    fixed = []
+    for r in range(pp):
+        on_cpu = all(cluster.nodes[i].gpu.kind is DeviceKind.CPU for i in types[r])
+        extra = memory.CPU_WORKER_RESERVE_BYTES if on_cpu else memory.FRAMEWORK_RESERVE_BYTES
+        if rc == "full":
+            extra += block_act_none * (1 + frag)  # one block's recompute working set in backward
+        if config.zero >= 3:
+            extra += 2 * params.per_block * dtype.nbytes  # gathered weights: current + prefetch
+        if pp > 1:
+            extra += 2 * p2p_bytes  # send and receive buffers
+        fixed.append(extra)
+    capacity = tuple(
+        float(min(cluster.nodes[i].gpu.memory_bytes for i in types[r])) for r in range(pp)
+    )
+    hbm = tuple(min(cluster.nodes[i].gpu.hbm_bytes_per_s for i in types[r]) for r in range(pp))
+    dp_links = arrays.axis_links(MeshAxis.DP)
+    return RankCosts(
+        pp=pp,
+        virtual_stages=v,
+        num_micro_batches=m,
+        block=tuple(blocks),
+        embedding=emb,
+        head=head,
+        p2p_s=p2p,
+        dp_links=dp_links,
+        dp_groups=tuple(arrays.gpu[r].T for r in range(pp)),
+        profile=profile,
+        params=params,
+        state=state,
+        block_activation_bytes=block_act,
+        embedding_activation_bytes=memory.embedding_activation_bytes(
+            model, micro_batch=mb, seq_len=seq, tp=tp, sequence_parallel=sp
+        ),
+        head_activation_bytes=memory.head_activation_bytes(
+            model, micro_batch=mb, seq_len=seq, tp=tp, sequence_parallel=sp, dtype=dtype
+        ),
+        in_flight=memory.in_flight(config.schedule.value, pp, v, m),
+        fixed_bytes=tuple(fixed),
+        capacity_bytes=capacity,
+        hbm_bytes_per_s=hbm,
+        source=source,
+        notes=tuple(dict.fromkeys(notes)),
+    )

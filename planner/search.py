@@ -1,0 +1,733 @@
+"""The configuration search: enumerate, prune with bounds, split with the ILP, rank with the cost model.
+
+Owns: the search space (`SearchOptions`, `--allow` / `--fix` parsing, `enumerate_configs`),
+the branch-and-bound over configurations, the deterministic top-k ranking, and the
+`NoFeasiblePlan` diagnosis (binding constraint and what would fit).
+Does not own: costs (planner/cost/), the split solver (planner/ilp.py), rank placement
+(planner/placement.py: the search uses the default rank order), or output (cli/plan_cmd.py).
+
+Algorithm (best-first branch and bound over configurations):
+1. Enumerate every valid configuration (ParallelConfig.validate) of the space below.
+2. Compute floor for each: step_time >= m * max_r R[r] (every pipeline rank runs forward and
+   backward of all m micro-batches one after another, whatever the schedule), with
+   max_r R[r] >= max(sum_r R[r] / pp, the largest rank time at v blocks per chunk) and
+   sum_r R[r] at least its value when the extra blocks all go to the fastest rank. The block
+   times it needs are shared by all candidates with the same (tp, micro-batch, recompute,
+   sequence parallel) on clusters of identical nodes (`_CheapBounds`), so it costs one
+   SplitProblem per such key, not per candidate.
+3. Pop candidates in order of their bound. First pop: build the candidate's SplitProblem and
+   apply the memory floor (`ilp.is_feasible`, exact: every rank holds >= v blocks and all
+   ranks together hold L), skipping the build when a candidate that needs no more memory
+   already failed (`needs_more_memory`); re-queue it with its exact bound. Second pop: split
+   it with the ILP and price it with the full estimate (event simulation).
+4. Stop when the next bound exceeds the k-th best step time found: every later candidate has
+   a larger bound, so the top k are exact (tests/test_search_plans.py checks this against
+   pricing every candidate).
+Ties in step time are broken by peak memory, then by a fixed order of the configuration
+fields (`config_key`), so the same inputs always give the same plans. `max_time_s` caps the
+whole search; when it stops the search early (after at least one plan was found),
+`complete` is False and the result is the best found so far.
+
+Search space (defaults; `--allow` widens, `--fix` pins any field):
+- tp: divisors of the GPUs per node that shard the model's heads, KV heads and FFN
+  (`allow tp`: any divisor of the GPU count, i.e. tensor parallelism across nodes);
+- pp: divisors of GPUs/tp up to the layer count; dp = GPUs / (tp * pp) dividing the batch;
+- micro_batch: divisors of the per-replica batch with >= pp micro-batches;
+- schedule 1f1b, and interleaved with v in the divisors (>= 2) of layers // pp when the
+  micro-batch count is a multiple of pp (`allow gpipe`: also GPipe);
+- recompute none | selective | full; sequence parallel off/on when tp > 1;
+- ZeRO 0 | 1 with dp > 1, and 2 | 3 only without pipelining, as Megatron-LM and DeepSpeed do
+  not pipeline ZeRO-2/3 (gradients and weights would be re-gathered per micro-batch)
+  (`allow zero`: ZeRO-2/3 with pp > 1 too).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from planner.cost.estimate import estimate, split_problem
+from planner.cost.split_problem import SplitProblem
+from planner.errors import NoFeasiblePlan, SpecError
+from planner.ilp import (
+    SolveStatus,
+    interchangeable_pairs,
+    is_feasible,
+    rank_extra_time_s,
+    rank_layer_bounds,
+    solve_split,
+)
+from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule
+from planner.profile import Profile
+from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+ALLOW_CHOICES: dict[str, str] = {
+    "tp": "tensor parallelism across nodes (tp may be any divisor of the GPU count)",
+    "zero": "ZeRO-2/3 together with pipeline parallelism",
+    "gpipe": "the GPipe schedule (every micro-batch in flight)",
+}
+FIXABLE: tuple[str, ...] = (
+    "tp",
+    "pp",
+    "dp",
+    "micro_batch",
+    "schedule",
+    "virtual_stages",
+    "recompute",
+    "sequence_parallel",
+    "zero",
+)
+# Doublings of the node count tried when explaining that nothing fits (unit: powers of two),
+# and the largest GPU count tried (a bound on the explanation's cost, not a planning limit).
+MORE_NODES_DOUBLINGS = 6
+MORE_NODES_MAX_GPUS = 65536
+# SplitProblems built per node count while looking for one that fits (count).
+MORE_NODES_PROBES = 64
+_RECOMPUTE_ORDER = {Recompute.NONE: 0, Recompute.SELECTIVE: 1, Recompute.FULL: 2}
+_SCHEDULE_ORDER = {Schedule.ONE_F_ONE_B: 0, Schedule.INTERLEAVED: 1, Schedule.GPIPE: 2}
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchOptions:
+    """What to search. `fix` maps ParallelConfig field names to pinned values (see parse_fix)."""
+
+    top_k: int = 5
+    allow: frozenset[str] = frozenset()
+    fix: Mapping[str, Any] = field(default_factory=dict)
+    # Global wall-clock budget for the whole search (None: search to the end). Unit: s.
+    max_time_s: float | None = None
+    # Time limit of one split ILP; the ILPs here are small and solve in milliseconds. Unit: s.
+    ilp_time_limit_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise SpecError(f"--top {self.top_k} must be >= 1")
+        unknown = sorted(set(self.allow) - set(ALLOW_CHOICES))
+        if unknown:
+            raise SpecError(
+                f"--allow {unknown[0]!r} is not allowed; use any of {','.join(ALLOW_CHOICES)}"
+            )
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            raise SpecError(f"--max-time-s {self.max_time_s} must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankedPlan:
+    """One searched configuration: `config` carries the ILP's split in stage_layers."""
+
+    config: ParallelConfig
+    estimate: Any
+    split_status: SolveStatus
+    split_objective_s: float
+    step_lower_bound_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    plans: tuple[RankedPlan, ...]
+    candidates_considered: int
+    candidates_pruned: int
+    candidates_evaluated: int
+    pruned_by: Mapping[str, int]
+    complete: bool
+    search_time_s: float
+
+
+def parse_allow(text: str | None) -> frozenset[str]:
+    """`tp,zero` -> {"tp", "zero"}; unknown names raise SpecError listing the allowed ones."""
+    if not text:
+        return frozenset()
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in ALLOW_CHOICES:
+            raise SpecError(
+                f"--allow {name!r} is not allowed; use any of {','.join(ALLOW_CHOICES)}"
+            )
+    return frozenset(names)
+
+
+def parse_fix(items: Iterable[str]) -> dict[str, Any]:
+    """`["tp=8,pp=4", "schedule=interleaved"]` -> typed values; errors name field and values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                raise SpecError(
+                    f"--fix {part!r}: use FIELD=VALUE with FIELD one of {','.join(FIXABLE)}"
+                )
+            key, value = (s.strip() for s in part.split("=", 1))
+            key = key.replace("-", "_")
+            if key not in FIXABLE:
+                raise SpecError(
+                    f"--fix {key}={value}: unknown field {key!r}; fixable: {','.join(FIXABLE)}"
+                )
+            out[key] = _parse_fix_value(key, value)
+    return out
+
+
+def _parse_fix_value(key: str, value: str) -> Any:
+    if key == "schedule":
+        return _enum_value(Schedule, key, value)
+    if key == "recompute":
+        return _enum_value(Recompute, key, value)
+    if key == "sequence_parallel":
+        truth = {"true": True, "1": True, "yes": True, "on": True}
+        falsity = {"false": False, "0": False, "no": False, "off": False}
+        if value.lower() in truth | falsity:
+            return {**truth, **falsity}[value.lower()]
+        raise SpecError(f"--fix sequence_parallel={value}: use true|false")
+    if key == "zero":
+        if value not in ("0", "1", "2", "3"):
+            raise SpecError(f"--fix zero={value}: use one of 0|1|2|3")
+        return int(value)
+    if not value.isdigit() or int(value) < 1:
+        raise SpecError(f"--fix {key}={value}: {key} must be a positive integer")
+    return int(value)
+
+
+def _enum_value(cls: Any, key: str, value: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = "|".join(m.value for m in cls)
+        raise SpecError(f"--fix {key}={value}: use one of {allowed}") from None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _gpus_per_node(cluster: ClusterSpec) -> int:
+    g = 0
+    for node in cluster.nodes:
+        g = math.gcd(g, node.gpus)
+    return g
+
+
+def config_key(c: ParallelConfig) -> tuple[Any, ...]:
+    """A total order of configurations used to break exact ties deterministically."""
+    return (
+        c.pp,
+        c.tp,
+        c.dp,
+        c.micro_batch,
+        _SCHEDULE_ORDER[c.schedule],
+        c.virtual_stages,
+        _RECOMPUTE_ORDER[c.recompute],
+        c.sequence_parallel,
+        c.zero,
+    )
+
+
+def enumerate_configs(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions
+) -> tuple[list[ParallelConfig], list[str]]:
+    """Every valid configuration of the search space (deterministic order), and the reasons
+    the rejected (tp, pp, dp) combinations broke (used when nothing is valid)."""
+    fix, allow = options.fix, options.allow
+    world, gpn, L, B = (
+        cluster.num_gpus,
+        _gpus_per_node(cluster),
+        model.layers,
+        training.global_batch,
+    )
+    out: list[ParallelConfig] = []
+    reasons: list[str] = []
+    tps = _divisors(world) if "tp" in allow else _divisors(gpn)
+    for tp in _pick(fix, "tp", tps):
+        rule = model.tp_divisible(tp)
+        if world % tp or rule:
+            reasons.append(rule or f"tp={tp} must divide the GPU count {world}")
+            continue
+        for pp in _pick(fix, "pp", [p for p in _divisors(world // tp) if p <= L]):
+            if (world // tp) % pp:
+                reasons.append(f"tp*pp={tp}*{pp} must divide the GPU count {world}")
+                continue
+            dp = world // (tp * pp)
+            if "dp" in fix and fix["dp"] != dp:
+                reasons.append(f"dp={fix['dp']} needs tp*pp = {world}/{fix['dp']}, not {tp}*{pp}")
+                continue
+            if B % dp:
+                reasons.append(f"global_batch={B} must be a multiple of dp={dp} (tp={tp}, pp={pp})")
+                continue
+            for mb in _pick(fix, "micro_batch", _divisors(B // dp)):
+                for schedule, v in _schedules(fix, allow, pp, L):
+                    for recompute in _pick(fix, "recompute", list(Recompute)):
+                        for sp in _pick(
+                            fix, "sequence_parallel", [False, True] if tp > 1 else [False]
+                        ):
+                            for zero in _pick(fix, "zero", _zeros(allow, pp, dp)):
+                                try:
+                                    cfg = ParallelConfig(
+                                        tp=tp,
+                                        pp=pp,
+                                        dp=dp,
+                                        micro_batch=mb,
+                                        schedule=schedule,
+                                        virtual_stages=v,
+                                        recompute=recompute,
+                                        sequence_parallel=sp,
+                                        zero=zero,
+                                    )
+                                    cfg.validate(model, training, cluster)
+                                except ConfigError as e:
+                                    reasons.append(str(e))
+                                    continue
+                                out.append(cfg)
+    return out, reasons
+
+
+def _pick(fix: Mapping[str, Any], name: str, default: list[Any]) -> list[Any]:
+    """The fixed value alone (even outside the default range: a pin is an explicit request)."""
+    return [fix[name]] if name in fix else default
+
+
+def _schedules(
+    fix: Mapping[str, Any], allow: frozenset[str], pp: int, layers: int
+) -> list[tuple[Schedule, int]]:
+    """(schedule, v) pairs; validate() then checks the micro-batch rules with exact messages."""
+    out: list[tuple[Schedule, int]] = [(Schedule.ONE_F_ONE_B, 1)]
+    if pp > 1:
+        vs = [v for v in _divisors(layers // pp) if v >= 2]
+        if "virtual_stages" in fix:
+            vs = [fix["virtual_stages"]] if fix["virtual_stages"] >= 2 else []
+        out += [(Schedule.INTERLEAVED, v) for v in vs]
+    if "gpipe" in allow or fix.get("schedule") is Schedule.GPIPE:
+        out.append((Schedule.GPIPE, 1))
+    if "schedule" in fix:
+        out = [s for s in out if s[0] is fix["schedule"]]
+    if "virtual_stages" in fix:
+        out = [s for s in out if s[1] == fix["virtual_stages"]]
+    return out
+
+
+def _zeros(allow: frozenset[str], pp: int, dp: int) -> list[int]:
+    if dp < 2:
+        return [0]
+    return [0, 1, 2, 3] if pp == 1 or "zero" in allow else [0, 1]
+
+
+def step_lower_bound_s(problem: SplitProblem) -> float:
+    """m * (a lower bound on the largest rank time over every split); see the module docstring."""
+    pp, v, L = problem.pp, problem.virtual_stages, problem.num_layers
+    least = [v * problem.block_time_s[r] + rank_extra_time_s(problem, r) for r in range(pp)]
+    least_sum = sum(least) + (L - pp * v) * min(problem.block_time_s)
+    return problem.num_micro_batches * max(least_sum / pp, max(least))
+
+
+def min_peak_memory_bytes(problem: SplitProblem) -> float:
+    """The smallest fullest-GPU memory over all splits (capacity ignored): start every rank at
+    v blocks and give each further block to the rank whose memory stays lowest. Greedy is exact
+    for minimising the maximum of increasing linear functions under a fixed sum."""
+    pp, v = problem.pp, problem.virtual_stages
+    # One block in every chunk: v blocks on every rank.
+    mem = list(problem.rank_memory_bytes(tuple([1] * problem.num_chunks)))
+    per = [
+        problem.block_static_bytes + problem.in_flight[r] * problem.block_activation_bytes
+        for r in range(pp)
+    ]
+    for _ in range(problem.num_layers - pp * v):
+        r = min(range(pp), key=lambda i: (mem[i] + per[i], i))
+        mem[r] += per[r]
+    return max(mem)
+
+
+@dataclass
+class _Tally:
+    """Counters of one search (mutable, local to one `search` call)."""
+
+    memory: int = 0
+    bound: int = 0
+    budget: int = 0
+    unsolved: int = 0
+    evaluated: int = 0
+    least_memory: tuple[float, float, ParallelConfig] | None = None
+
+    def note_memory(self, problem: SplitProblem, config: ParallelConfig) -> None:
+        need = min_peak_memory_bytes(problem)
+        cap = min(problem.capacity_bytes)
+        if self.least_memory is None or (need - cap, config_key(config)) < (
+            self.least_memory[0] - self.least_memory[1],
+            config_key(self.least_memory[2]),
+        ):
+            self.least_memory = (need, cap, config)
+
+
+def search(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions | None = None,
+    *,
+    profile: Profile | None = None,
+    progress: ProgressFn | None = None,
+) -> SearchResult:
+    """The top-k configurations by predicted step time (see the module docstring)."""
+    options = options or SearchOptions()
+    start = time.perf_counter()
+    configs, reasons = enumerate_configs(model, training, cluster, options)
+    if not configs:
+        raise NoFeasiblePlan(_no_valid_config_message(model, training, cluster, options, reasons))
+    tally = _Tally()
+    bounds = _CheapBounds(model, training, cluster, profile, split_problem)
+    # Heap of (lower bound, tie key, level, index): level 0 = bound from shared block times,
+    # level 1 = the candidate's own SplitProblem built and feasible.
+    heap = [(bounds.of(cfg), memory_probe_key(cfg), 0, i) for i, cfg in enumerate(configs)]
+    builder = _ProblemBuilder(
+        configs, lambda c: split_problem(model, training, cluster, c, profile), tally
+    )
+    heapq.heapify(heap)
+    problems: dict[int, SplitProblem] = {}
+    ilp_cache: dict[tuple[Any, ...], Any] = {}
+    best: list[tuple[tuple[Any, ...], RankedPlan]] = []
+    complete = True
+    k = options.top_k
+    done = 0
+    while heap:
+        lb, key, level, i = heap[0]
+        if len(best) >= k and lb > best[k - 1][1].estimate.step_time_s:
+            tally.bound += len(heap)
+            break
+        elapsed = time.perf_counter() - start
+        if options.max_time_s is not None and best and elapsed > options.max_time_s:
+            tally.budget += len(heap)
+            complete = False
+            break
+        heapq.heappop(heap)
+        cfg = configs[i]
+        if level == 0:
+            problem = builder.get(i)
+            if problem is None or not is_feasible(problem):
+                tally.memory += 1
+                done += 1
+            else:
+                exact = step_lower_bound_s(problem)
+                if exact < lb * (1 - 1e-9):
+                    log.warning("shared bound %.6g s above the exact %.6g s for %s", lb, exact, cfg)
+                problems[i] = problem
+                heapq.heappush(heap, (max(lb, exact), key, 1, i))
+            if progress:
+                progress("searching", done, len(configs))
+            continue
+        problem = problems.pop(i)
+        limit = options.ilp_time_limit_s
+        if options.max_time_s is not None:
+            limit = max(0.5, min(limit, options.max_time_s - elapsed))
+        sol = _cached_split(ilp_cache, problem, limit)
+        done += 1
+        if progress:
+            progress("searching", done, len(configs))
+        if not sol.has_split:
+            if sol.status is SolveStatus.INFEASIBLE:
+                tally.memory += 1
+                tally.note_memory(problem, cfg)
+            else:
+                tally.unsolved += 1
+            continue
+        planned = replace(cfg, stage_layers=sol.split)
+        est = estimate(model, training, cluster, planned, profile)
+        if not est.fits:
+            # The split fits the SplitProblem but the full estimate disagrees: trust the
+            # estimate (it is what the plan reports) and keep the disagreement visible.
+            log.warning(
+                "split %s fits the split problem but not the estimate of %s", sol.split, cfg
+            )
+            tally.memory += 1
+            tally.note_memory(problem, cfg)
+            continue
+        tally.evaluated += 1
+        if est.step_time_s < lb * (1 - 1e-9):
+            log.warning(
+                "lower bound %.6g s above the estimate %.6g s for %s", lb, est.step_time_s, cfg
+            )
+        plan = RankedPlan(
+            config=planned,
+            estimate=est,
+            split_status=sol.status,
+            split_objective_s=sol.objective_s,
+            step_lower_bound_s=lb,
+        )
+        _insert(best, (est.step_time_s, est.peak_memory_bytes, config_key(cfg)), plan, k)
+    if progress:
+        progress("searching", len(configs), len(configs))
+    if not best:
+        raise NoFeasiblePlan(_memory_message(model, training, cluster, options, tally, profile))
+    pruned_by = {
+        "memory": tally.memory,
+        "bound": tally.bound,
+        "budget": tally.budget,
+        "unsolved": tally.unsolved,
+    }
+    return SearchResult(
+        plans=tuple(p for _, p in best),
+        candidates_considered=len(configs),
+        candidates_pruned=tally.memory + tally.bound + tally.budget + tally.unsolved,
+        candidates_evaluated=tally.evaluated,
+        pruned_by=pruned_by,
+        complete=complete,
+        search_time_s=time.perf_counter() - start,
+    )
+
+
+def _insert(
+    best: list[tuple[tuple[Any, ...], RankedPlan]],
+    rank: tuple[Any, ...],
+    plan: RankedPlan,
+    k: int,
+) -> None:
+    """Keep the k best by `rank`. A plan whose estimate equals a kept one's exactly (a knob with
+    no effect under the cost model, e.g. selective recompute with flash attention) is kept
+    only once, as the configuration first in `config_key` order: it is no real alternative."""
+    for i, (other_rank, other) in enumerate(best):
+        if other.estimate == plan.estimate:
+            if rank < other_rank:
+                best[i] = (rank, plan)
+                best.sort(key=lambda t: t[0])
+            return
+    best.append((rank, plan))
+    best.sort(key=lambda t: t[0])
+    del best[k:]
+
+
+def _memory_family(c: ParallelConfig) -> tuple[Any, ...]:
+    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages)
+
+
+def needs_more_memory(heavy: ParallelConfig, light: ParallelConfig) -> bool:
+    """Whether `heavy` needs at least `light`'s memory on every rank for every split.
+
+    Only orderings that hold term by term in the memory model (planner/cost/memory.py,
+    rankcosts.py) are used, with (tp, pp, dp, schedule, v) equal:
+    - a larger micro-batch: activations, logits, p2p buffers and the recompute working set
+      scale with it, and in-flight count x micro-batch (min(pp - r, m) * mb with
+      m = per-replica batch / mb, or its interleaved analogue) does not shrink;
+    - sequence parallel off instead of on (it shards the replicated activations and buffers);
+    - recompute none instead of selective (selective only drops the attention scores);
+    - a lower ZeRO stage among 0-2 (static bytes only). ZeRO-3 and full recompute add fixed
+      buffers (gathered weights, one block's working set) and are compared only with
+      themselves.
+    tests/test_search_space.py checks this against the real cost model.
+    """
+    if _memory_family(heavy) != _memory_family(light) or heavy.micro_batch < light.micro_batch:
+        return False
+    if heavy.sequence_parallel and not light.sequence_parallel:
+        return False
+    if heavy.recompute is not light.recompute and not (
+        light.recompute is Recompute.SELECTIVE and heavy.recompute is Recompute.NONE
+    ):
+        return False
+    return heavy.zero == light.zero or (light.zero <= 2 and heavy.zero <= light.zero)
+
+
+def memory_probe_key(c: ParallelConfig) -> tuple[Any, ...]:
+    """Among candidates with equal bounds, the lighter ones first, so a failure prunes the
+    heavier ones (needs_more_memory) before their problems are built."""
+    return (-c.zero if c.zero <= 2 else -3, not c.sequence_parallel, c.micro_batch, config_key(c))
+
+
+class _ProblemBuilder:
+    """Builds candidates' SplitProblems on demand, skipping those that cannot fit because a
+    configuration needing no more memory (needs_more_memory) already did not fit."""
+
+    def __init__(
+        self,
+        configs: list[ParallelConfig],
+        build: Callable[[ParallelConfig], SplitProblem],
+        tally: _Tally,
+    ) -> None:
+        self._configs, self._build, self._tally = configs, build, tally
+        self._failed: dict[tuple[Any, ...], list[ParallelConfig]] = {}
+
+    def get(self, i: int) -> SplitProblem | None:
+        """Candidate i's problem, or None when it is known not to fit (no problem built)."""
+        cfg = self._configs[i]
+        failed = self._failed.setdefault(_memory_family(cfg), [])
+        if any(needs_more_memory(cfg, light) for light in failed):
+            return None
+        problem = self._build(cfg)
+        if not is_feasible(problem):
+            self._tally.note_memory(problem, cfg)
+            failed.append(cfg)
+        return problem
+
+
+def _cached_split(cache: dict[tuple[Any, ...], Any], problem: SplitProblem, limit_s: float) -> Any:
+    """solve_split, reusing the answer of an earlier candidate whose ILP is the same: the ILP
+    reads only the times, the counts and the per-rank block bounds (clamped to the most a
+    rank can ever hold), so e.g. ZeRO 0 and 1 with memory to spare share one solve."""
+    pp, v, L = problem.pp, problem.virtual_stages, problem.num_layers
+    most = L - (pp - 1) * v
+    key = (
+        L,
+        pp,
+        v,
+        problem.num_micro_batches,
+        problem.block_time_s,
+        problem.embedding_time_s,
+        problem.head_time_s,
+        tuple(min(b, most) for b in rank_layer_bounds(problem)),
+        tuple(interchangeable_pairs(problem)),
+    )
+    if key not in cache:
+        cache[key] = solve_split(problem, limit_s)
+    sol = cache[key]
+    if sol.has_split:
+        # Same split, this problem's own p2p term in the objective.
+        return replace(sol, objective_s=problem.objective_s(sol.split))
+    return sol
+
+
+class _CheapBounds:
+    """Step-time lower bounds without building each candidate's SplitProblem.
+
+    The bound (`step_lower_bound_s`) reads only the per-rank block, embedding and head times.
+    In `build_rank_costs` those depend on (tp, micro_batch, recompute, sequence_parallel), the
+    GPU type and the TP group's links; on a cluster of identical nodes, without a profile, with
+    the TP group inside one node (tp divides the GPUs per node), they are the same for every
+    pp, dp, schedule and ZeRO stage. There one SplitProblem per such key gives every
+    candidate's bound; elsewhere the bound is 0 (each candidate's own problem is built first).
+    The search checks the shared bound against the exact one of every problem it builds.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        training: TrainingSpec,
+        cluster: ClusterSpec,
+        profile: Profile | None,
+        split_problem: Callable[..., SplitProblem],
+    ) -> None:
+        self._args = (model, training, cluster)
+        self._split_problem = split_problem
+        first = cluster.nodes[0]
+        self._shared = profile is None and all(n == first for n in cluster.nodes)
+        self._gpn = first.gpus
+        self._times: dict[tuple[Any, ...], tuple[float, float, float]] = {}
+
+    def of(self, cfg: ParallelConfig) -> float:
+        if not self._shared or self._gpn % cfg.tp:
+            return 0.0
+        key = (cfg.tp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel)
+        if key not in self._times:
+            p = self._split_problem(*self._args, cfg, None)
+            self._times[key] = (p.block_time_s[0], p.embedding_time_s, p.head_time_s)
+        block, emb, head = self._times[key]
+        model, training, _ = self._args
+        pp, v, L = cfg.pp, cfg.virtual_stages, model.layers
+        extra = [0.0] * pp
+        extra[0] += emb
+        extra[-1] += head
+        least = [v * block + extra[r] for r in range(pp)]
+        least_sum = sum(least) + (L - pp * v) * block
+        return cfg.num_micro_batches(training) * max(least_sum / pp, max(least))
+
+
+def describe_config(c: ParallelConfig) -> str:
+    sched = c.schedule.value + (f"(v={c.virtual_stages})" if c.virtual_stages > 1 else "")
+    sp = " sp" if c.sequence_parallel else ""
+    return (
+        f"tp={c.tp} pp={c.pp} dp={c.dp} micro_batch={c.micro_batch} {sched} "
+        f"recompute={c.recompute.value} zero={c.zero}{sp}"
+    )
+
+
+def _no_valid_config_message(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    reasons: list[str],
+) -> str:
+    fixed = ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in sorted(options.fix.items()))
+    where = f" with {fixed}" if fixed else ""
+    first = reasons[0] if reasons else "no candidate in the search space"
+    return (
+        f"no valid parallel configuration of {cluster.num_gpus} GPUs for {model.name} "
+        f"(global batch {training.global_batch}){where}: binding constraint: {first}"
+    )
+
+
+def _memory_message(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    tally: _Tally,
+    profile: Profile | None,
+) -> str:
+    if tally.least_memory is None:
+        return f"no configuration could be split: the split ILP stopped without a solution {tally.unsolved} times"
+    need, cap, cfg = tally.least_memory
+    gpu = cluster.nodes[0].gpu.name
+    msg = (
+        f"no configuration fits in GPU memory (binding constraint: memory): the least "
+        f"memory-hungry, {describe_config(cfg)}, needs {need / GIB:.1f} GiB on its fullest GPU "
+        f"and {gpu} has {cap / GIB:.1f} GiB; it would fit with >= {need / GIB:.1f} GiB per GPU"
+    )
+    nodes = _nodes_that_fit(model, training, cluster, options, profile)
+    if nodes is not None:
+        gpus = nodes * cluster.nodes[0].gpus
+        msg += f" or on {nodes} nodes ({gpus} GPUs)"
+    return msg
+
+
+def _frugal_key(c: ParallelConfig) -> tuple[Any, ...]:
+    """Most memory-saving first: full recompute, highest ZeRO, sequence parallel, small mb."""
+    return (
+        -_RECOMPUTE_ORDER[c.recompute],
+        -c.zero,
+        not c.sequence_parallel,
+        c.micro_batch,
+        config_key(c),
+    )
+
+
+def _nodes_that_fit(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    profile: Profile | None,
+) -> int | None:
+    """The smallest doubling of the node count at which some configuration fits memory
+    (clusters of identical nodes only; the global batch stays as given)."""
+    first = cluster.nodes[0]
+    if any(n != first for n in cluster.nodes) or profile is not None:
+        return None
+    fix = {k: v for k, v in options.fix.items() if k not in ("tp", "pp", "dp")}
+    frugal = replace(options, fix=fix)
+    nodes = len(cluster.nodes)
+    for _ in range(MORE_NODES_DOUBLINGS):
+        nodes *= 2
+        if nodes * first.gpus > MORE_NODES_MAX_GPUS:
+            break
+        bigger = ClusterSpec(
+            name=f"{cluster.name}x{nodes}",
+            nodes=(first,) * nodes,
+            inter_switch_link=cluster.inter_switch_link,
+        )
+        configs, _ = enumerate_configs(model, training, bigger, frugal)
+        # Only the lightest of each (tp, pp, dp, schedule, v), most frugal first: a bounded
+        # number of problems per size, so explaining a failure stays cheap on big clusters.
+        lightest: dict[tuple[Any, ...], ParallelConfig] = {}
+        for c in configs:
+            fam = _memory_family(c)
+            if fam not in lightest or _frugal_key(c) < _frugal_key(lightest[fam]):
+                lightest[fam] = c
+        order = sorted(lightest.values(), key=lambda c: (-c.pp, -c.tp, config_key(c)))
+        for cfg in order[:MORE_NODES_PROBES]:
+            if is_feasible(split_problem(model, training, bigger, cfg, None)):
+                return nodes
+    return None
