@@ -445,6 +445,11 @@ def register(app: typer.Typer) -> None:
         holdout: str = typer.Option(
             None, "--holdout", help="Comma-separated labels to hold out (default: every 3rd)."
         ),
+        factors: str = typer.Option(
+            None,
+            "--factors",
+            help="Comma-separated factors to fit (default: all), e.g. compute_scale,tp_comm_scale.",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print the calibration result as JSON."),
     ) -> None:
         """Fit correction factors on some configurations and check them on held-out ones."""
@@ -460,7 +465,8 @@ def register(app: typer.Typer) -> None:
                 f"{report} was predicted with corrections already applied; validate with --no-corrections first"
             )
         held = [h for h in holdout.split(",") if h] if holdout else None
-        result = calibrate(records, holdout=held)
+        chosen = [f for f in factors.split(",") if f] if factors else None
+        result = calibrate(records, holdout=held, factors=chosen)
         if Path(out).resolve() != Path(profile).resolve():
             shutil.copyfile(profile, out)
         provenance = {

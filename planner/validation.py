@@ -422,8 +422,25 @@ def _box_least_squares(
     return x
 
 
+FACTOR_NAMES = tuple("dp_comm_scale" if f == "dp_comm_effective" else f for f in _FACTORS)
+
+
+def _factor_indices(factors: Sequence[str] | None) -> set[int]:
+    if factors is None:
+        return set(range(len(_FACTORS)))
+    unknown = sorted(set(factors) - set(FACTOR_NAMES))
+    if unknown:
+        raise SpecError(
+            f"unknown correction factor(s) {', '.join(unknown)}; use any of {', '.join(FACTOR_NAMES)}"
+        )
+    return {FACTOR_NAMES.index(f) for f in factors}
+
+
 def fit_corrections(
-    records: Sequence[ValidationRecord], *, ridge: float = DEFAULT_RIDGE
+    records: Sequence[ValidationRecord],
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    factors: Sequence[str] | None = None,
 ) -> tuple[Corrections, tuple[str, ...]]:
     """Least squares on relative error, with a ridge pull towards "no correction".
 
@@ -433,7 +450,8 @@ def fit_corrections(
     constrained fit, not a clip afterwards, so the bounds cost the fit as little as possible).
     Rows are divided by measured_i so the fit minimises squared *relative* error, the quantity
     MAPE reports. The ridge penalises (scale - 1)^2 and (overhead / median measured step)^2;
-    columns that are zero on every row are left out (their factors stay at the default).
+    columns that are zero on every row are left out (their factors stay at the default), and so
+    are factors not named in `factors` (None: all of FACTOR_NAMES).
     """
     done = [r for r in records if r.measured_step_time_s]
     if not done:
@@ -447,7 +465,10 @@ def fit_corrections(
     # measured step, so "1" means alike for both kinds.
     units = np.array([1.0] * _SCALES + [1.0 / float(np.median(meas))] * (len(_FACTORS) - _SCALES))
     norms = units
-    active = [j for j in range(len(_FACTORS)) if np.any(feats[:, j] != 0)]
+    chosen = _factor_indices(factors)
+    active = [j for j in range(len(_FACTORS)) if j in chosen and np.any(feats[:, j] != 0)]
+    if not active:
+        raise SpecError("none of the chosen correction factors has a non-zero term to fit")
     lo_s, hi_s = SCALE_RANGE
     lo = np.array([lo_s - 1.0 if j < _SCALES else 0.0 for j in active]) * norms[active]
     hi = np.array([hi_s - 1.0 if j < _SCALES else np.inf for j in active]) * norms[active]
@@ -463,9 +484,7 @@ def fit_corrections(
         step_overhead_s=float(x[_SCALES]),
         micro_batch_overhead_s=float(x[_SCALES + 1]),
     )
-    identified = tuple(
-        "dp_comm_scale" if _FACTORS[j] == "dp_comm_effective" else _FACTORS[j] for j in active
-    )
+    identified = tuple(FACTOR_NAMES[j] for j in active)
     return corr, identified
 
 
@@ -495,6 +514,7 @@ def calibrate(
     *,
     holdout: Sequence[str] | None = None,
     ridge: float = DEFAULT_RIDGE,
+    factors: Sequence[str] | None = None,
 ) -> CalibrationResult:
     """Fit corrections on the measured records not in `holdout`, report errors on both subsets."""
     done = [r for r in records if r.measured_step_time_s]
@@ -511,12 +531,12 @@ def calibrate(
     hold_set = [r for r in done if r.label in held]
     if not fit_set:
         raise SpecError("every measured configuration is held out; nothing is left to fit on")
-    corr, identified = fit_corrections(fit_set, ridge=ridge)
+    corr, identified = fit_corrections(fit_set, ridge=ridge, factors=factors)
     loo_after: float | None = None
     if len(done) >= 3:
         errs = []
         for i, r in enumerate(done):
-            c_i, _ = fit_corrections(done[:i] + done[i + 1 :], ridge=ridge)
+            c_i, _ = fit_corrections(done[:i] + done[i + 1 :], ridge=ridge, factors=factors)
             errs.append(
                 abs(percentage_error(_adjusted(r, c_i), float(r.measured_step_time_s or 0.0)))
             )

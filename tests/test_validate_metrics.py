@@ -278,3 +278,13 @@ def test_run_to_run_mape_is_the_noise_floor() -> None:
     s = summarize([r, single])
     assert s.run_to_run_mape == pytest.approx((0.2 + 0.0 + 0.3) / 3)
     assert summarize([single]).run_to_run_mape is None
+
+
+def test_fit_only_chosen_factors() -> None:
+    truth = Corrections(compute_scale=1.4, tp_comm_scale=3.0)
+    records = _synthetic(truth, 20, seed=7, noise=0.0)
+    fitted, identified = fit_corrections(records, ridge=1e-9, factors=["compute_scale"])
+    assert identified == ("compute_scale",)
+    assert fitted.tp_comm_scale == 1.0 and fitted.step_overhead_s == 0.0
+    with pytest.raises(SpecError, match="bogus"):
+        fit_corrections(records, factors=["bogus"])
