@@ -212,6 +212,8 @@ def _render(result: Any, model: Any, cluster: Any) -> None:
             "[bold yellow]analytic estimate[/] (no measured profile; times from datasheet peaks "
             "and calibrated efficiency constants)"
         )
+    else:
+        out.print("[bold green]measured[/] (block times and links from the profile given with --profile)")
     out.print(
         f"{model.name} on {cluster.name} ({cluster.num_gpus} GPUs): "
         f"{result.candidates_considered} candidates considered, {result.candidates_pruned} pruned "
