@@ -213,7 +213,9 @@ def _render(result: Any, model: Any, cluster: Any) -> None:
             "and calibrated efficiency constants)"
         )
     else:
-        out.print("[bold green]measured[/] (block times and links from the profile given with --profile)")
+        out.print(
+            "[bold green]measured[/] (block times and links from the profile given with --profile)"
+        )
     out.print(
         f"{model.name} on {cluster.name} ({cluster.num_gpus} GPUs): "
         f"{result.candidates_considered} candidates considered, {result.candidates_pruned} pruned "
@@ -292,7 +294,8 @@ def register(app: typer.Typer) -> None:
         from planner.plan import build_plan, save_plan
         from planner.planning import place_winner
         from planner.profile import load_profile, profile_sha256
-        from planner.search import SearchOptions, parse_allow, parse_fix, search
+        from planner.search import search
+        from planner.search_space import SearchOptions, parse_allow, parse_fix
 
         if placement_budget_s <= 0:
             raise SpecError(f"--placement-budget-s {placement_budget_s} must be > 0")

@@ -1,9 +1,8 @@
 """The configuration search: enumerate, prune with bounds, split with the ILP, rank with the cost model.
 
-Owns: the search space (`SearchOptions`, `--allow` / `--fix` parsing, `enumerate_configs`),
-the branch-and-bound over configurations, the deterministic top-k ranking, and the
+Owns: the branch-and-bound over configurations, the deterministic top-k ranking, and the
 `NoFeasiblePlan` diagnosis (binding constraint and what would fit).
-Does not own: costs (planner/cost/), the split solver (planner/ilp.py), rank placement
+Does not own: the search space (planner/search_space.py), costs (planner/cost/), the split solver (planner/ilp.py), rank placement
 (planner/placement.py: the search uses the default rank order), or output (cli/plan_cmd.py).
 
 Algorithm (best-first branch and bound over configurations):
@@ -45,15 +44,14 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from planner.cost.estimate import estimate, split_problem
 from planner.cost.split_problem import SplitProblem
-from planner.errors import NoFeasiblePlan, SpecError
+from planner.errors import NoFeasiblePlan
 from planner.ilp import (
     SolveStatus,
     interchangeable_pairs,
@@ -62,63 +60,27 @@ from planner.ilp import (
     rank_layer_bounds,
     solve_split,
 )
-from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule
+from planner.parallel import ParallelConfig, Recompute
 from planner.profile import Profile
+from planner.search_space import (
+    RECOMPUTE_ORDER,
+    SearchOptions,
+    config_key,
+    enumerate_configs,
+)
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-ALLOW_CHOICES: dict[str, str] = {
-    "tp": "tensor parallelism across nodes (tp may be any divisor of the GPU count)",
-    "zero": "ZeRO-2/3 together with pipeline parallelism",
-    "gpipe": "the GPipe schedule (every micro-batch in flight)",
-}
-FIXABLE: tuple[str, ...] = (
-    "tp",
-    "pp",
-    "dp",
-    "micro_batch",
-    "schedule",
-    "virtual_stages",
-    "recompute",
-    "sequence_parallel",
-    "zero",
-)
 # Doublings of the node count tried when explaining that nothing fits (unit: powers of two),
 # and the largest GPU count tried (a bound on the explanation's cost, not a planning limit).
 MORE_NODES_DOUBLINGS = 6
 MORE_NODES_MAX_GPUS = 65536
 # SplitProblems built per node count while looking for one that fits (count).
 MORE_NODES_PROBES = 64
-_RECOMPUTE_ORDER = {Recompute.NONE: 0, Recompute.SELECTIVE: 1, Recompute.FULL: 2}
-_SCHEDULE_ORDER = {Schedule.ONE_F_ONE_B: 0, Schedule.INTERLEAVED: 1, Schedule.GPIPE: 2}
 
 ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SearchOptions:
-    """What to search. `fix` maps ParallelConfig field names to pinned values (see parse_fix)."""
-
-    top_k: int = 5
-    allow: frozenset[str] = frozenset()
-    fix: Mapping[str, Any] = field(default_factory=dict)
-    # Global wall-clock budget for the whole search (None: search to the end). Unit: s.
-    max_time_s: float | None = None
-    # Time limit of one split ILP; the ILPs here are small and solve in milliseconds. Unit: s.
-    ilp_time_limit_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise SpecError(f"--top {self.top_k} must be >= 1")
-        unknown = sorted(set(self.allow) - set(ALLOW_CHOICES))
-        if unknown:
-            raise SpecError(
-                f"--allow {unknown[0]!r} is not allowed; use any of {','.join(ALLOW_CHOICES)}"
-            )
-        if self.max_time_s is not None and self.max_time_s <= 0:
-            raise SpecError(f"--max-time-s {self.max_time_s} must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,182 +103,6 @@ class SearchResult:
     pruned_by: Mapping[str, int]
     complete: bool
     search_time_s: float
-
-
-def parse_allow(text: str | None) -> frozenset[str]:
-    """`tp,zero` -> {"tp", "zero"}; unknown names raise SpecError listing the allowed ones."""
-    if not text:
-        return frozenset()
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    for name in names:
-        if name not in ALLOW_CHOICES:
-            raise SpecError(
-                f"--allow {name!r} is not allowed; use any of {','.join(ALLOW_CHOICES)}"
-            )
-    return frozenset(names)
-
-
-def parse_fix(items: Iterable[str]) -> dict[str, Any]:
-    """`["tp=8,pp=4", "schedule=interleaved"]` -> typed values; errors name field and values."""
-    out: dict[str, Any] = {}
-    for item in items:
-        for part in (p.strip() for p in item.split(",")):
-            if not part:
-                continue
-            if "=" not in part:
-                raise SpecError(
-                    f"--fix {part!r}: use FIELD=VALUE with FIELD one of {','.join(FIXABLE)}"
-                )
-            key, value = (s.strip() for s in part.split("=", 1))
-            key = key.replace("-", "_")
-            if key not in FIXABLE:
-                raise SpecError(
-                    f"--fix {key}={value}: unknown field {key!r}; fixable: {','.join(FIXABLE)}"
-                )
-            out[key] = _parse_fix_value(key, value)
-    return out
-
-
-def _parse_fix_value(key: str, value: str) -> Any:
-    if key == "schedule":
-        return _enum_value(Schedule, key, value)
-    if key == "recompute":
-        return _enum_value(Recompute, key, value)
-    if key == "sequence_parallel":
-        truth = {"true": True, "1": True, "yes": True, "on": True}
-        falsity = {"false": False, "0": False, "no": False, "off": False}
-        if value.lower() in truth | falsity:
-            return {**truth, **falsity}[value.lower()]
-        raise SpecError(f"--fix sequence_parallel={value}: use true|false")
-    if key == "zero":
-        if value not in ("0", "1", "2", "3"):
-            raise SpecError(f"--fix zero={value}: use one of 0|1|2|3")
-        return int(value)
-    if not value.isdigit() or int(value) < 1:
-        raise SpecError(f"--fix {key}={value}: {key} must be a positive integer")
-    return int(value)
-
-
-def _enum_value(cls: Any, key: str, value: str) -> Any:
-    try:
-        return cls(value)
-    except ValueError:
-        allowed = "|".join(m.value for m in cls)
-        raise SpecError(f"--fix {key}={value}: use one of {allowed}") from None
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _gpus_per_node(cluster: ClusterSpec) -> int:
-    g = 0
-    for node in cluster.nodes:
-        g = math.gcd(g, node.gpus)
-    return g
-
-
-def config_key(c: ParallelConfig) -> tuple[Any, ...]:
-    """A total order of configurations used to break exact ties deterministically."""
-    return (
-        c.pp,
-        c.tp,
-        c.dp,
-        c.micro_batch,
-        _SCHEDULE_ORDER[c.schedule],
-        c.virtual_stages,
-        _RECOMPUTE_ORDER[c.recompute],
-        c.sequence_parallel,
-        c.zero,
-    )
-
-
-def enumerate_configs(
-    model: ModelSpec, training: TrainingSpec, cluster: ClusterSpec, options: SearchOptions
-) -> tuple[list[ParallelConfig], list[str]]:
-    """Every valid configuration of the search space (deterministic order), and the reasons
-    the rejected (tp, pp, dp) combinations broke (used when nothing is valid)."""
-    fix, allow = options.fix, options.allow
-    world, gpn, L, B = (
-        cluster.num_gpus,
-        _gpus_per_node(cluster),
-        model.layers,
-        training.global_batch,
-    )
-    out: list[ParallelConfig] = []
-    reasons: list[str] = []
-    tps = _divisors(world) if "tp" in allow else _divisors(gpn)
-    for tp in _pick(fix, "tp", tps):
-        rule = model.tp_divisible(tp)
-        if world % tp or rule:
-            reasons.append(rule or f"tp={tp} must divide the GPU count {world}")
-            continue
-        for pp in _pick(fix, "pp", [p for p in _divisors(world // tp) if p <= L]):
-            if (world // tp) % pp:
-                reasons.append(f"tp*pp={tp}*{pp} must divide the GPU count {world}")
-                continue
-            dp = world // (tp * pp)
-            if "dp" in fix and fix["dp"] != dp:
-                reasons.append(f"dp={fix['dp']} needs tp*pp = {world}/{fix['dp']}, not {tp}*{pp}")
-                continue
-            if B % dp:
-                reasons.append(f"global_batch={B} must be a multiple of dp={dp} (tp={tp}, pp={pp})")
-                continue
-            for mb in _pick(fix, "micro_batch", _divisors(B // dp)):
-                for schedule, v in _schedules(fix, allow, pp, L):
-                    for recompute in _pick(fix, "recompute", list(Recompute)):
-                        for sp in _pick(
-                            fix, "sequence_parallel", [False, True] if tp > 1 else [False]
-                        ):
-                            for zero in _pick(fix, "zero", _zeros(allow, pp, dp)):
-                                try:
-                                    cfg = ParallelConfig(
-                                        tp=tp,
-                                        pp=pp,
-                                        dp=dp,
-                                        micro_batch=mb,
-                                        schedule=schedule,
-                                        virtual_stages=v,
-                                        recompute=recompute,
-                                        sequence_parallel=sp,
-                                        zero=zero,
-                                    )
-                                    cfg.validate(model, training, cluster)
-                                except ConfigError as e:
-                                    reasons.append(str(e))
-                                    continue
-                                out.append(cfg)
-    return out, reasons
-
-
-def _pick(fix: Mapping[str, Any], name: str, default: list[Any]) -> list[Any]:
-    """The fixed value alone (even outside the default range: a pin is an explicit request)."""
-    return [fix[name]] if name in fix else default
-
-
-def _schedules(
-    fix: Mapping[str, Any], allow: frozenset[str], pp: int, layers: int
-) -> list[tuple[Schedule, int]]:
-    """(schedule, v) pairs; validate() then checks the micro-batch rules with exact messages."""
-    out: list[tuple[Schedule, int]] = [(Schedule.ONE_F_ONE_B, 1)]
-    if pp > 1:
-        vs = [v for v in _divisors(layers // pp) if v >= 2]
-        if "virtual_stages" in fix:
-            vs = [fix["virtual_stages"]] if fix["virtual_stages"] >= 2 else []
-        out += [(Schedule.INTERLEAVED, v) for v in vs]
-    if "gpipe" in allow or fix.get("schedule") is Schedule.GPIPE:
-        out.append((Schedule.GPIPE, 1))
-    if "schedule" in fix:
-        out = [s for s in out if s[0] is fix["schedule"]]
-    if "virtual_stages" in fix:
-        out = [s for s in out if s[1] == fix["virtual_stages"]]
-    return out
-
-
-def _zeros(allow: frozenset[str], pp: int, dp: int) -> list[int]:
-    if dp < 2:
-        return [0]
-    return [0, 1, 2, 3] if pp == 1 or "zero" in allow else [0, 1]
 
 
 def step_lower_bound_s(problem: SplitProblem) -> float:
@@ -686,7 +472,7 @@ def _memory_message(
 def _frugal_key(c: ParallelConfig) -> tuple[Any, ...]:
     """Most memory-saving first: full recompute, highest ZeRO, sequence parallel, small mb."""
     return (
-        -_RECOMPUTE_ORDER[c.recompute],
+        -RECOMPUTE_ORDER[c.recompute],
         -c.zero,
         not c.sequence_parallel,
         c.micro_batch,

@@ -12,15 +12,8 @@ from planner.cost.estimate import estimate, split_problem
 from planner.errors import SpecError
 from planner.ilp import rank_layer_bounds, solve_split
 from planner.parallel import Recompute, Schedule
-from planner.search import (
-    SearchOptions,
-    _CheapBounds,
-    enumerate_configs,
-    needs_more_memory,
-    parse_allow,
-    parse_fix,
-    step_lower_bound_s,
-)
+from planner.search import _CheapBounds, needs_more_memory, step_lower_bound_s
+from planner.search_space import SearchOptions, enumerate_configs, parse_allow, parse_fix
 from planner.specs import TrainingSpec
 
 
