@@ -9,11 +9,22 @@ import json
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
 
 from planner.errors import SpecError
 from planner.serialize import to_jsonable
 from planner.specs import ClusterSpec, Dtype, ModelSpec, TrainingSpec
+
+# Options shared by `estimate` and `plan` (typer reads these as metadata only, so one instance
+# can serve several commands).
+MODEL_OPTION = typer.Option(..., "--model", help="Model preset, HF config.json or model YAML.")
+CLUSTER_OPTION = typer.Option(..., "--cluster", help="Node-type preset or cluster YAML.")
+NODES_OPTION = typer.Option(None, "--nodes", help="Number of nodes of a node-type preset.")
+GLOBAL_BATCH_OPTION = typer.Option(..., "--global-batch", help="Sequences per step.")
+SEQ_LEN_OPTION = typer.Option(..., "--seq-len", help="Tokens per sequence.")
+DTYPE_OPTION = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32")
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
 
 
 def err_console() -> Console:

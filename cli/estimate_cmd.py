@@ -13,6 +13,13 @@ import typer
 from rich.table import Table
 
 from cli.common import (
+    CLUSTER_OPTION,
+    DTYPE_OPTION,
+    GLOBAL_BATCH_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    NODES_OPTION,
+    SEQ_LEN_OPTION,
     err_console,
     format_bytes,
     format_seconds,
@@ -114,13 +121,11 @@ def _render(est: Any, header: str) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("estimate")
     def estimate_cmd(
-        model: str = typer.Option(
-            ..., "--model", help="Model preset, HF config.json or model YAML."
-        ),
-        cluster: str = typer.Option(..., "--cluster", help="Node-type preset or cluster YAML."),
-        nodes: int = typer.Option(None, "--nodes", help="Number of nodes of a node-type preset."),
-        global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step."),
-        seq_len: int = typer.Option(..., "--seq-len", help="Tokens per sequence."),
+        model: str = MODEL_OPTION,
+        cluster: str = CLUSTER_OPTION,
+        nodes: int = NODES_OPTION,
+        global_batch: int = GLOBAL_BATCH_OPTION,
+        seq_len: int = SEQ_LEN_OPTION,
         tp: int = typer.Option(..., "--tp", help="Tensor-parallel degree."),
         pp: int = typer.Option(..., "--pp", help="Pipeline-parallel degree."),
         dp: int = typer.Option(None, "--dp", help="Data-parallel degree (default: GPUs/(tp*pp))."),
@@ -134,11 +139,11 @@ def register(app: typer.Typer) -> None:
             False, "--sequence-parallel", help="Megatron sequence parallelism (tp >= 2)."
         ),
         zero: int = typer.Option(0, "--zero", help="ZeRO stage over dp: 0 | 1 | 2 | 3"),
-        dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32"),
+        dtype: str = DTYPE_OPTION,
         profile: str = typer.Option(
             None, "--profile", help="Measured profile.json (default: analytic)."
         ),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+        as_json: bool = JSON_OPTION,
     ) -> None:
         """Predict step time (with breakdown), memory per GPU and throughput of one configuration."""
         from planner.cost.estimate import estimate

@@ -19,6 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cli.common import (
+    CLUSTER_OPTION,
+    DTYPE_OPTION,
+    GLOBAL_BATCH_OPTION,
+    JSON_OPTION,
+    MODEL_OPTION,
+    NODES_OPTION,
+    SEQ_LEN_OPTION,
     err_console,
     format_bytes,
     format_seconds,
@@ -29,18 +36,9 @@ from cli.common import (
     training_from_args,
 )
 from planner.errors import SpecError
+from planner.search_space import FIXABLE
 
-CONFIG_FIELDS = (
-    "tp",
-    "pp",
-    "dp",
-    "micro_batch",
-    "schedule",
-    "virtual_stages",
-    "recompute",
-    "sequence_parallel",
-    "zero",
-)
+CONFIG_FIELDS = FIXABLE
 GIB = 2**30
 # Columns the top-k table needs to print one line per configuration (characters).
 TABLE_WIDTH = 112
@@ -250,19 +248,17 @@ def _render_placement(planned: Any) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
-        model: str = typer.Option(
-            ..., "--model", help="Model preset, HF config.json or model YAML."
-        ),
-        cluster: str = typer.Option(..., "--cluster", help="Node-type preset or cluster YAML."),
-        nodes: int = typer.Option(None, "--nodes", help="Number of nodes of a node-type preset."),
-        global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step."),
-        seq_len: int = typer.Option(..., "--seq-len", help="Tokens per sequence."),
+        model: str = MODEL_OPTION,
+        cluster: str = CLUSTER_OPTION,
+        nodes: int = NODES_OPTION,
+        global_batch: int = GLOBAL_BATCH_OPTION,
+        seq_len: int = SEQ_LEN_OPTION,
         profile: str = typer.Option(
             None, "--profile", help="Measured profile.json (default: analytic)."
         ),
         top: int = typer.Option(5, "--top", help="How many configurations to show."),
         out: str = typer.Option(None, "--out", help="Write the winner as plan.json here."),
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+        as_json: bool = JSON_OPTION,
         allow: str = typer.Option(
             None,
             "--allow",
@@ -279,7 +275,7 @@ def register(app: typer.Typer) -> None:
         max_time_s: float = typer.Option(
             None, "--max-time-s", help="Stop searching after this many seconds (best so far)."
         ),
-        dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32"),
+        dtype: str = DTYPE_OPTION,
         placement_budget_s: float = typer.Option(
             3.0,
             "--placement-budget-s",
