@@ -14,13 +14,14 @@ import typer
 from planner.errors import MeshplanError
 
 COMMAND_MODULES = (
-    "cli.profile_cmd",
+    # in the order of the workflow: look up, measure, predict, plan, run, check
     "cli.presets_cmd",
     "cli.env_cmd",
-    "cli.launch_cmd",
-    "cli.validate_cmd",
+    "cli.profile_cmd",
     "cli.estimate_cmd",
     "cli.plan_cmd",
+    "cli.launch_cmd",
+    "cli.validate_cmd",
 )
 
 
