@@ -154,8 +154,16 @@ def scatter_figure(points: Sequence[dict[str, Any]], *, title: str) -> Any:
         grid, [g * 0.85 for g in grid], [g * 1.15 for g in grid], color="#dddddd", label="±15 %"
     )
     if log:
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        # minor ticks labelled at 2x and 5x only, so labels do not collide
+        sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(sparse)
     ax.scatter(xs, ys, color="#1f77b4", zorder=3, label="configuration")
     top = [p for p in points if p.get("top")]
     if top:

@@ -35,9 +35,9 @@ from cli.plan_report import (
     validation_sections,
     write_plan_report,
 )
+from planner.errors import ConfigError, FormatError, SpecError
 
 __all__ = ["register", "run_validation", "write_plan_report"]
-from planner.errors import ConfigError, FormatError, SpecError
 
 # Steps dropped before the median: step 1 builds the schedule, warms allocator and caches.
 DEFAULT_WARMUP_STEPS = 2
@@ -103,8 +103,14 @@ def measure(
     wall = time.perf_counter() - start
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
     rows = [json.loads(x) for x in lines if x.strip()]
-    if rc != 0 or not rows:
+    # A run that logged every step and then failed while shutting down (a rank aborting in
+    # process-group teardown) still measured every step: keep it and say so.
+    if rows and len(rows) >= steps and rc != 0:
+        note = f"{plan_path.stem}: executor exit {rc} after all {steps} steps: {_failure_line(log)} (log: {log})"
+    elif rc != 0 or not rows:
         return {"error": f"executor exit {rc}: {_failure_line(log)} (log: {log})"}
+    else:
+        note = None
     times = [float(r["step_time_s"]) for r in rows]
     median, dropped = median_after_warmup(times, warmup)
     return {
@@ -113,6 +119,7 @@ def measure(
         "dropped": dropped,
         "peak_memory_bytes": max(float(r.get("peak_memory_bytes", 0)) for r in rows),
         "wall_s": wall,
+        "note": note,
     }
 
 
@@ -144,7 +151,7 @@ def _predict(
     est = estimate(model, training, cluster, config, profile).to_json()
     if corrections is None:
         return est
-    return apply_corrections(est, corrections, slots=_slots(config, training))
+    return apply_corrections(est, corrections, slots=_slots(config, training), dp=config.dp)
 
 
 def _slots(config: Any, training: Any) -> int:
@@ -197,6 +204,10 @@ def run_validation(
 
         result = search(model, training, cluster, SearchOptions(top_k=top), profile=profile)
         configs = [p.config for p in result.plans]
+    labels = [config_label(c) for c in configs]
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise SpecError(f"configuration(s) listed more than once: {', '.join(repeated)}")
     predicted = [(c, _predict(model, training, cluster, c, profile, corrections)) for c in configs]
     order = sorted(range(len(predicted)), key=lambda i: predicted[i][1]["step_time_s"])
     rank_of = {i: k for k, i in enumerate(order)}
@@ -275,6 +286,7 @@ def run_validation(
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "memory_note": "measured memory on CPU is the process peak RSS (interpreter and torch included)",
+        "run_notes": [g["note"] for label in plans for g in runs[label] if g.get("note")],
     }
     report = report_to_json(records, meta)
     if corrections is not None and profile_path is not None:

@@ -232,6 +232,9 @@ def _run(plan_path: Path, opts: TrainOptions) -> int:
         init_distributed(plan, backend, gpu_id=0, store=dist.HashStore())
     try:
         train(plan, opts)
+        # Every rank finishes its last collective before any tears gloo down: without this a
+        # rank that exits first closes the pairs a peer still reads (SIGABRT seen on CPU).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0

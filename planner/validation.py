@@ -14,6 +14,7 @@ How corrections act on a prediction (the cost model's breakdown terms, all secon
              + (dp_comm_scale * (1 - overlap_fraction) - 1) * dp_comm_s
              + (optimizer_scale - 1) * optimizer_s
              + step_overhead_s + micro_batch_overhead_s * micro_batch_slots
+             + dp_overhead_s * [dp > 1]
 with micro_batch_slots = m * v + pp - 1, the forward/backward op pairs on a 1F1B (or interleaved)
 critical path (m micro-batches, v virtual stages, pp pipeline ranks; Narayanan et al. 2021
 Sec. 2.2): an overhead paid per op pair is paid that many times per step.
@@ -69,6 +70,9 @@ class Corrections:
     step_overhead_s: fixed time per step the model does not price (Python, launch, scheduler).
     micro_batch_overhead_s: time per micro-batch slot (see `micro_batch_slots`) the model does
         not price: Python dispatch, autograd and hook work of each forward/backward pair.
+    dp_overhead_s: exposed data-parallel time per step (dp > 1 only) that the model prices as
+        hidden behind backward: gradient synchronisation that cannot overlap (on a CPU host the
+        collective competes for the same cores) and the data-parallel wrapper's hooks.
     """
 
     compute_scale: float = 1.0
@@ -79,6 +83,7 @@ class Corrections:
     optimizer_scale: float = 1.0
     step_overhead_s: float = 0.0
     micro_batch_overhead_s: float = 0.0
+    dp_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -113,9 +118,9 @@ def micro_batch_slots(num_micro_batches: int, pp: int, virtual_stages: int = 1) 
     return num_micro_batches * virtual_stages + pp - 1
 
 
-def _feature_row(terms: dict[str, float], slots: int) -> list[float]:
-    """Columns of the fit, in the order of `_FACTORS` (the overheads' columns are 1 s and
-    `slots` s)."""
+def _feature_row(terms: dict[str, float], slots: int, dp: int = 1) -> list[float]:
+    """Columns of the fit, in the order of `_FACTORS` (the overheads' columns are 1 s,
+    `slots` s and [dp > 1] s)."""
     return [
         terms["compute_s"] + terms["bubble_s"],
         terms["tp_comm_s"],
@@ -124,6 +129,7 @@ def _feature_row(terms: dict[str, float], slots: int) -> list[float]:
         terms["optimizer_s"],
         1.0,
         float(slots),
+        1.0 if dp > 1 else 0.0,
     ]
 
 
@@ -135,6 +141,7 @@ _FACTORS = (
     "optimizer_scale",
     "step_overhead_s",
     "micro_batch_overhead_s",
+    "dp_overhead_s",
 )
 _SCALES = 5  # the first five factors are scales, the rest overheads
 
@@ -148,24 +155,34 @@ def _deltas(c: Corrections) -> list[float]:
         c.optimizer_scale - 1.0,
         c.step_overhead_s,
         c.micro_batch_overhead_s,
+        c.dp_overhead_s,
     ]
 
 
 def corrected_step_time_s(
-    predicted_step_time_s: float, terms: dict[str, float], c: Corrections, slots: int = 0
+    predicted_step_time_s: float,
+    terms: dict[str, float],
+    c: Corrections,
+    slots: int = 0,
+    dp: int = 1,
 ) -> float:
     """The module docstring's formula on plain numbers."""
-    row = _feature_row(terms, slots)
+    row = _feature_row(terms, slots, dp)
     return predicted_step_time_s + sum(x * d for x, d in zip(row, _deltas(c), strict=True))
 
 
 def apply_corrections(
-    estimate: dict[str, Any], corrections: Corrections, *, slots: int | None = None
+    estimate: dict[str, Any],
+    corrections: Corrections,
+    *,
+    slots: int | None = None,
+    dp: int | None = None,
 ) -> dict[str, Any]:
     """A copy of an estimate's JSON with its step time and breakdown corrected.
 
     `slots` is `micro_batch_slots(...)` of the estimate's configuration; it is required when
-    `micro_batch_overhead_s` is not 0 (the estimate's JSON does not carry m, pp and v).
+    `micro_batch_overhead_s` is not 0, and `dp` the data-parallel degree when `dp_overhead_s`
+    is not 0 (the estimate's JSON carries neither m, pp, v nor dp).
     `step_time_s` and `tokens_per_s` are adjusted; the breakdown terms are scaled (dp_comm_s by
     dp_comm_scale * (1 - overlap_fraction), bubble_s by compute_scale) and `step_overhead_s`
     added; the original step time is kept as `uncorrected_step_time_s` and the factors under
@@ -177,8 +194,10 @@ def apply_corrections(
     c = corrections
     if c.micro_batch_overhead_s and slots is None:
         raise SpecError("apply_corrections: micro_batch_overhead_s needs the micro-batch slots")
+    if c.dp_overhead_s and dp is None:
+        raise SpecError("apply_corrections: dp_overhead_s needs the data-parallel degree")
     before = float(estimate["step_time_s"])
-    after = corrected_step_time_s(before, terms, c, slots or 0)
+    after = corrected_step_time_s(before, terms, c, slots or 0, dp or 1)
     scale = {
         "compute_s": c.compute_scale,
         "bubble_s": c.compute_scale,
@@ -192,6 +211,7 @@ def apply_corrections(
         **(estimate.get("breakdown") or {}),
         **{k: terms[k] * scale[k] for k in BREAKDOWN_KEYS},
         "step_overhead_s": c.step_overhead_s + c.micro_batch_overhead_s * (slots or 0),
+        "dp_overhead_s": c.dp_overhead_s if (dp or 1) > 1 else 0.0,
     }
     out["uncorrected_step_time_s"] = before
     out["step_time_s"] = after
@@ -445,8 +465,8 @@ def fit_corrections(
     """Least squares on relative error, with a ridge pull towards "no correction".
 
     Model (module docstring): measured_i - predicted_i = sum_j x_j * F_ij, F = (compute+bubble,
-    tp, pp, dp, optimizer, 1 s, slots s), x_j = factor_j - 1 for the scales and the overhead
-    itself for the last two columns; scales kept in SCALE_RANGE and overheads >= 0 (a box-
+    tp, pp, dp, optimizer, 1 s, slots s, [dp > 1] s), x_j = factor_j - 1 for the scales and the overhead
+    itself for the last three columns; scales kept in SCALE_RANGE and overheads >= 0 (a box-
     constrained fit, not a clip afterwards, so the bounds cost the fit as little as possible).
     Rows are divided by measured_i so the fit minimises squared *relative* error, the quantity
     MAPE reports. The ridge penalises (scale - 1)^2 and (overhead / median measured step)^2;
@@ -458,7 +478,7 @@ def fit_corrections(
         raise SpecError("calibration needs at least one measured configuration")
     meas = np.array([float(r.measured_step_time_s or 0.0) for r in done])
     pred = np.array([r.predicted_step_time_s for r in done])
-    rows = [_feature_row(_terms(r), r.micro_batch_slots) for r in done]
+    rows = [_feature_row(_terms(r), r.micro_batch_slots, _dp(r)) for r in done]
     feats = np.array(rows) / meas[:, None]
     target = (meas - pred) / meas
     # Scales are penalised in their own units ((s - 1)^2); overheads in units of the median
@@ -483,6 +503,7 @@ def fit_corrections(
         overlap_fraction=max(0.0, 1.0 - dp_eff),
         step_overhead_s=float(x[_SCALES]),
         micro_batch_overhead_s=float(x[_SCALES + 1]),
+        dp_overhead_s=float(x[_SCALES + 2]),
     )
     identified = tuple(FACTOR_NAMES[j] for j in active)
     return corr, identified
@@ -492,8 +513,12 @@ def _terms(r: ValidationRecord) -> dict[str, float]:
     return {k: float(r.breakdown.get(k, 0.0) or 0.0) for k in BREAKDOWN_KEYS}
 
 
+def _dp(r: ValidationRecord) -> int:
+    return int(r.config.get("dp", 1) or 1)
+
+
 def _adjusted(r: ValidationRecord, c: Corrections) -> float:
-    return corrected_step_time_s(r.predicted_step_time_s, _terms(r), c, r.micro_batch_slots)
+    return corrected_step_time_s(r.predicted_step_time_s, _terms(r), c, r.micro_batch_slots, _dp(r))
 
 
 def _mape_with(records: Sequence[ValidationRecord], c: Corrections) -> float | None:

@@ -105,3 +105,12 @@ def test_validate_rejects_bad_input_with_one_line(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error:") and "tp*pp*dp" in err and len(err.strip().splitlines()) == 1
     assert main(["validate", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_validate_refuses_duplicate_configurations(tmp_path, capsys) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "- {tp: 1, pp: 1, dp: 2, micro_batch: 2}\n- {tp: 1, pp: 1, dp: 2, micro_batch: 2}\n"
+    )
+    assert main(["validate", "--configs", str(f), "--out", str(tmp_path / "r")]) == 2
+    assert "more than once" in capsys.readouterr().err

@@ -288,3 +288,28 @@ def test_fit_only_chosen_factors() -> None:
     assert fitted.tp_comm_scale == 1.0 and fitted.step_overhead_s == 0.0
     with pytest.raises(SpecError, match="bogus"):
         fit_corrections(records, factors=["bogus"])
+
+
+def test_fit_recovers_dp_overhead_only_where_dp_is_used() -> None:
+    truth = Corrections(compute_scale=1.2, dp_overhead_s=0.04)
+    records = []
+    for i in range(10):
+        dp = 2 if i % 2 else 1
+        terms = {"compute_s": 0.05 + 0.01 * i, "optimizer_s": 0.002}
+        pred = sum(terms.values())
+        meas = apply_corrections({"step_time_s": pred, "breakdown": terms}, truth, dp=dp)
+        records.append(
+            ValidationRecord(
+                label=f"c{i}",
+                config={"dp": dp},
+                predicted_step_time_s=pred,
+                breakdown=terms,
+                measured_step_time_s=meas["step_time_s"],
+            )
+        )
+    assert records[1].measured_step_time_s - records[0].measured_step_time_s > 0.04
+    fitted, _ = fit_corrections(records, ridge=1e-10, factors=["compute_scale", "dp_overhead_s"])
+    assert fitted.dp_overhead_s == pytest.approx(0.04, rel=1e-3)
+    assert fitted.compute_scale == pytest.approx(1.2, rel=1e-3)
+    with pytest.raises(SpecError):
+        apply_corrections({"step_time_s": 1.0, "breakdown": {}}, truth)
