@@ -19,10 +19,14 @@ def emit_files(plan_path: str, out: str, **options: object) -> list[Path]:
     from planner.plan import load_plan
 
     plan = load_plan(plan_path)
-    return write_launch_dir(plan, out, EmitOptions(**{k: v for k, v in options.items() if v is not None}))
+    return write_launch_dir(
+        plan, out, EmitOptions(**{k: v for k, v in options.items() if v is not None})
+    )
 
 
-def launch_command(plan_path: str, steps: int | None, metrics: str | None, data: str | None) -> list[str]:
+def launch_command(
+    plan_path: str, steps: int | None, metrics: str | None, data: str | None
+) -> list[str]:
     """The torchrun command that runs a single-node plan here, showing rank 0's output only."""
     from executor.emit import ENTRY_MODULE, check_plan
     from planner.plan import load_plan
@@ -60,20 +64,33 @@ def register(app: typer.Typer) -> None:
     @app.command("emit")
     def emit(
         plan: str = typer.Argument(..., help="plan.json written by `meshplan plan`."),
-        out: str = typer.Option("launch", "--out", help="Directory to write (replaced atomically)."),
-        rdzv_endpoint: str = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of node 0 for the c10d rendezvous."),
-        data: str = typer.Option(None, "--data", help="Token file the executor trains on (default: synthetic)."),
+        out: str = typer.Option(
+            "launch", "--out", help="Directory to write (replaced atomically)."
+        ),
+        rdzv_endpoint: str = typer.Option(
+            None, "--rdzv-endpoint", help="HOST:PORT of node 0 for the c10d rendezvous."
+        ),
+        data: str = typer.Option(
+            None, "--data", help="Token file the executor trains on (default: synthetic)."
+        ),
         steps: int = typer.Option(None, "--steps", help="Training steps."),
-        container: str = typer.Option(None, "--container", help="Container image for the Kubeflow job."),
+        container: str = typer.Option(
+            None, "--container", help="Container image for the Kubeflow job."
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     ) -> None:
         """Write torchrun scripts per node, a Slurm batch file and a Kubeflow PyTorchJob for a plan."""
-        paths = emit_files(plan, out, rdzv_endpoint=rdzv_endpoint, data=data, steps=steps, container=container)
+        paths = emit_files(
+            plan, out, rdzv_endpoint=rdzv_endpoint, data=data, steps=steps, container=container
+        )
         if as_json:
             print_json({"out": str(out), "files": sorted(p.name for p in paths)})
             return
         console = err_console()
-        console.print(f"wrote {len(paths)} files to [bold]{out}/[/]: " + ", ".join(sorted(p.name for p in paths)))
+        console.print(
+            f"wrote {len(paths)} files to [bold]{out}/[/]: "
+            + ", ".join(sorted(p.name for p in paths))
+        )
         console.print(f"see {out}/README.md for which file to run where")
 
     @app.command("launch")

@@ -343,9 +343,9 @@ def register(app: typer.Typer) -> None:
             if out:
                 save_plan(plan, out)
             if report:
-                from cli.report_render import write_plan_report
+                from cli.plan_report import write_plan_report
 
-                write_plan_report(plan, plan.prediction, report)
+                write_plan_report(plan, plan.prediction, report, prof)
         if emit:
             from cli.launch_cmd import emit_files
 

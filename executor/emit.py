@@ -56,14 +56,20 @@ def check_plan(plan: Plan) -> None:
     cfg = plan.config
     n = plan.cluster.num_gpus
     if cfg.world_size != n:
-        raise SpecError(f"plan: tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.world_size} != the cluster's {n} GPUs")
+        raise SpecError(
+            f"plan: tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.world_size} != the cluster's {n} GPUs"
+        )
     if plan.cluster.uniform_gpus_per_node is None:
         counts = sorted({node.gpus for node in plan.cluster.nodes})
-        raise SpecError(f"launch files need the same GPU count on every node (plan's cluster has {counts})")
+        raise SpecError(
+            f"launch files need the same GPU count on every node (plan's cluster has {counts})"
+        )
     for r in plan.ranks:
         node, local = plan.cluster.gpu_location(r.gpu_id)
         if (node, local) != (r.node, r.local_gpu):
-            raise SpecError(f"plan: rank {r.rank} says node {r.node} GPU {r.local_gpu}, but GPU id {r.gpu_id} is node {node} GPU {local}")
+            raise SpecError(
+                f"plan: rank {r.rank} says node {r.node} GPU {r.local_gpu}, but GPU id {r.gpu_id} is node {node} GPU {local}"
+            )
 
 
 def plan_id(plan: Plan) -> str:
@@ -116,7 +122,9 @@ def node_script(plan: Plan, node: int, opts: EmitOptions) -> str:
             'RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:?set MESHPLAN_RDZV_ENDPOINT=HOST:PORT of node 0, '
             'or re-emit with --rdzv-endpoint}"'
         )
-    cmd = _torchrun(plan, "$RDZV_ENDPOINT", f"meshplan-{pid}", str(node)) + _train_args(plan, opts, "plan.json")
+    cmd = _torchrun(plan, "$RDZV_ENDPOINT", f"meshplan-{pid}", str(node)) + _train_args(
+        plan, opts, "plan.json"
+    )
     quoted = " ".join(a if a.startswith("--rdzv-endpoint") else shlex.quote(a) for a in cmd)
     quoted = quoted.replace("--rdzv-endpoint=$RDZV_ENDPOINT", '--rdzv-endpoint="$RDZV_ENDPOINT"')
     return "\n".join(
@@ -141,7 +149,9 @@ def sbatch_script(plan: Plan, opts: EmitOptions) -> str:
     pid = plan_id(plan)
     gpu_line = [f"#SBATCH --gpus-per-node={per_node}"] if _device(plan) == "cuda" else []
     # Expanded by the inner bash on each node: srun exports SLURM_NODEID, we export PLAN/HEAD_NODE.
-    torchrun = _torchrun(plan, '"$HEAD_NODE":' + str(DEFAULT_PORT), '"$SLURM_JOB_ID"', '"$SLURM_NODEID"')
+    torchrun = _torchrun(
+        plan, '"$HEAD_NODE":' + str(DEFAULT_PORT), '"$SLURM_JOB_ID"', '"$SLURM_NODEID"'
+    )
     train = [a if a == "$PLAN" else shlex.quote(a) for a in _train_args(plan, opts, "$PLAN")]
     inner = " ".join(torchrun + train).replace("--plan $PLAN", '--plan "$PLAN"')
     return "\n".join(
@@ -192,8 +202,12 @@ def pytorchjob_yaml(plan: Plan, opts: EmitOptions) -> str:
     nodes = len(plan.cluster.nodes)
     per_node = plan.cluster.uniform_gpus_per_node
     device = _device(plan)
-    command = ["bash", "-c", "export MESHPLAN_NODE_INDEX=$PET_NODE_RANK; exec torchrun " + " ".join(
-        shlex.quote(a) for a in _train_args(plan, opts, "/etc/meshplan/plan.json"))]
+    command = [
+        "bash",
+        "-c",
+        "export MESHPLAN_NODE_INDEX=$PET_NODE_RANK; exec torchrun "
+        + " ".join(shlex.quote(a) for a in _train_args(plan, opts, "/etc/meshplan/plan.json")),
+    ]
     resources = {"limits": {"nvidia.com/gpu": per_node}} if device == "cuda" else {}
 
     def replica(count: int) -> dict:
@@ -201,8 +215,16 @@ def pytorchjob_yaml(plan: Plan, opts: EmitOptions) -> str:
             "name": "pytorch",
             "image": opts.container,
             "command": command,
-            "env": [{"name": "OMP_NUM_THREADS", "value": str(GPU_OMP_THREADS if device == "cuda" else 1)}],
-            "volumeMounts": [{"name": "plan", "mountPath": "/etc/meshplan"}, {"name": "dshm", "mountPath": "/dev/shm"}],
+            "env": [
+                {
+                    "name": "OMP_NUM_THREADS",
+                    "value": str(GPU_OMP_THREADS if device == "cuda" else 1),
+                }
+            ],
+            "volumeMounts": [
+                {"name": "plan", "mountPath": "/etc/meshplan"},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+            ],
         }
         if resources:
             container["resources"] = resources
@@ -252,8 +274,12 @@ def readme(plan: Plan, opts: EmitOptions) -> str:
         "",
         "- **By hand / any scheduler**: copy this directory to every node and run `./node<i>.sh` on",
         "  node i (node0.sh on the first). "
-        + ("The nodes meet at the rendezvous endpoint in the scripts; override it with "
-           "`MESHPLAN_RDZV_ENDPOINT=host:port`." if nodes > 1 else "It runs on this host."),
+        + (
+            "The nodes meet at the rendezvous endpoint in the scripts; override it with "
+            "`MESHPLAN_RDZV_ENDPOINT=host:port`."
+            if nodes > 1
+            else "It runs on this host."
+        ),
         "- **Slurm**: `sbatch job.sbatch` from a shared directory (the head node is found with `scontrol`).",
         "- **Kubernetes (Kubeflow training operator)**: `kubectl apply -f pytorchjob.yaml` (set the image first;",
         f"  it is `{opts.container}` now). plan.json travels in the ConfigMap inside that file.",
@@ -285,7 +311,9 @@ def write_launch_dir(plan: Plan, out: str | Path, opts: EmitOptions) -> list[Pat
     files = render(plan, opts)
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
-        raise SpecError(f"{out} exists and was not written by `meshplan emit`; choose another --out or remove it")
+        raise SpecError(
+            f"{out} exists and was not written by `meshplan emit`; choose another --out or remove it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -255,3 +255,19 @@ def test_measured_links_replace_link_classes() -> None:
     assert measured.breakdown.tp_comm_s > 100 * classes.breakdown.tp_comm_s
     assert measured.breakdown.pp_comm_s > classes.breakdown.pp_comm_s + 2 * 0.001
     assert not any("link classes" in n for n in measured.notes)
+
+
+def test_cpu_workers_expose_dp_sync_that_gpus_hide() -> None:
+    """gloo on CPU computes collectives on the same cores: no overlap with backward."""
+    model = presets.load_model("tiny-gpt")
+    training = TrainingSpec(global_batch=8, seq_len=64, dtype=Dtype.FP32)
+    cfg = ParallelConfig(tp=1, pp=1, dp=2, micro_batch=4)
+    cpu = estimate(model, training, presets.load_cluster("cpu-2"), cfg)
+    gpu_cluster = presets.load_cluster("cpu-2")
+    gpu_node = replace(gpu_cluster.nodes[0], gpu=replace(gpu_cluster.nodes[0].gpu, kind="gpu"))
+    gpu = estimate(model, training, replace(gpu_cluster, nodes=(gpu_node,)), cfg)
+    assert cpu.breakdown.dp_comm_s > 0
+    assert gpu.breakdown.dp_comm_s < cpu.breakdown.dp_comm_s
+    assert cpu.step_time_s - gpu.step_time_s == pytest.approx(
+        cpu.breakdown.dp_comm_s - gpu.breakdown.dp_comm_s
+    )

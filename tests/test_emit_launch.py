@@ -20,12 +20,27 @@ from planner.specs import TrainingSpec
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {
-    "2node": ("llama3-8b", "dgx-h100", 2, ParallelConfig(tp=8, pp=2, dp=1, micro_batch=1), 64, 4096),
+    "2node": (
+        "llama3-8b",
+        "dgx-h100",
+        2,
+        ParallelConfig(tp=8, pp=2, dp=1, micro_batch=1),
+        64,
+        4096,
+    ),
     "16node": (
         "gpt3-175b",
         "dgx-a100-80gb",
         16,
-        ParallelConfig(tp=8, pp=8, dp=2, micro_batch=1, schedule="interleaved", virtual_stages=2, recompute="full"),
+        ParallelConfig(
+            tp=8,
+            pp=8,
+            dp=2,
+            micro_batch=1,
+            schedule="interleaved",
+            virtual_stages=2,
+            recompute="full",
+        ),
         128,
         2048,
     ),
@@ -44,7 +59,12 @@ def _plan(case: str):
     )
 
 
-OPTS = EmitOptions(rdzv_endpoint="node0.example:29500", steps=100, data="/data/tokens.bin", container="meshplan:0.1.0")
+OPTS = EmitOptions(
+    rdzv_endpoint="node0.example:29500",
+    steps=100,
+    data="/data/tokens.bin",
+    container="meshplan:0.1.0",
+)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -55,9 +75,13 @@ def test_golden_files(case):
         if os.environ.get("MESHPLAN_REGEN_GOLDEN"):  # regenerate on purpose, then review the diff
             golden.write_text(files[name])
         assert golden.exists(), f"{golden} missing; run with MESHPLAN_REGEN_GOLDEN=1 and review it"
-        assert files[name] == golden.read_text(), f"{golden} differs; review, then MESHPLAN_REGEN_GOLDEN=1"
+        assert files[name] == golden.read_text(), (
+            f"{golden} differs; review, then MESHPLAN_REGEN_GOLDEN=1"
+        )
     nodes = CASES[case][2]
-    assert sorted(n for n in files if n.startswith("node")) == sorted(f"node{i}.sh" for i in range(nodes))
+    assert sorted(n for n in files if n.startswith("node")) == sorted(
+        f"node{i}.sh" for i in range(nodes)
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -86,7 +110,9 @@ def test_pytorchjob_has_what_kubeflow_requires(case):
     assert job["metadata"]["name"]
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1
-    assert specs["Master"]["replicas"] + specs.get("Worker", {}).get("replicas", 0) == len(plan.cluster.nodes)
+    assert specs["Master"]["replicas"] + specs.get("Worker", {}).get("replicas", 0) == len(
+        plan.cluster.nodes
+    )
     assert job["spec"]["nprocPerNode"] == "8"
     for spec in specs.values():
         container = spec["template"]["spec"]["containers"][0]
@@ -120,12 +146,20 @@ def test_cli_emit_refuses_bad_plan_without_writing(tmp_path):
     bad = tmp_path / "plan.json"
     bad.write_text('{"schema_version": 7}')
     out = tmp_path / "launch"
-    r = subprocess.run([sys.executable, "-m", "cli", "emit", str(bad), "--out", str(out)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "emit", str(bad), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "schema_version=7" in r.stderr
     assert not out.exists()
     good = tmp_path / "good.json"
     save_plan(_plan("2node"), good)
-    r = subprocess.run([sys.executable, "-m", "cli", "emit", str(good), "--out", str(out), "--json"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "emit", str(good), "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert (out / "node1.sh").exists() and "node1.sh" in r.stdout
 

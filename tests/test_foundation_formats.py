@@ -42,10 +42,16 @@ def test_degrees_must_multiply_to_world_size_with_arithmetic():
     [
         (dict(tp=8, pp=1, dp=1, micro_batch=1), "tp=8 must divide heads=4"),
         (dict(tp=1, pp=8, dp=1, micro_batch=1), r"layers >= pp\*virtual_stages"),
-        (dict(tp=1, pp=1, dp=8, micro_batch=2), "global_batch must be a multiple of dp\\*micro_batch"),
+        (
+            dict(tp=1, pp=1, dp=8, micro_batch=2),
+            "global_batch must be a multiple of dp\\*micro_batch",
+        ),
         (dict(tp=1, pp=4, dp=2, micro_batch=2), "1f1b needs micro-batches >= pp"),
         (dict(tp=2, pp=2, dp=2, micro_batch=1, stage_layers=(1, 1)), "stage_layers sum to 2"),
-        (dict(tp=1, pp=1, dp=8, micro_batch=1, rank_to_gpu=(0,) * 8), "rank_to_gpu must use every GPU id"),
+        (
+            dict(tp=1, pp=1, dp=8, micro_batch=1, rank_to_gpu=(0,) * 8),
+            "rank_to_gpu must use every GPU id",
+        ),
     ],
 )
 def test_each_rule_is_named(kwargs, rule):
@@ -83,7 +89,14 @@ def test_mesh_coordinates_and_groups_follow_the_rank_map():
 
 def _plan():
     cfg = ParallelConfig(tp=2, pp=2, dp=2, micro_batch=1, schedule="interleaved", virtual_stages=2)
-    return build_plan(model=MODEL, training=TRAIN, cluster=CPU8, config=cfg, prediction={"step_time_s": 1.0}, source="analytic")
+    return build_plan(
+        model=MODEL,
+        training=TRAIN,
+        cluster=CPU8,
+        config=cfg,
+        prediction={"step_time_s": 1.0},
+        source="analytic",
+    )
 
 
 def test_plan_round_trip_is_byte_identical(tmp_path):
@@ -112,8 +125,18 @@ def test_plan_loader_rejects_unknown_version_and_garbage(tmp_path):
 
 
 def _profile():
-    meta = ProfileMeta(hosts=("h",), device_kind="cpu", torch_version="x", dtype=Dtype.FP32, date="2026-01-01", method="test")
-    gpus = tuple(ProfileGpu(gpu_id=i, host="h", local_index=i, device_name="cpu", memory_bytes=1) for i in range(2))
+    meta = ProfileMeta(
+        hosts=("h",),
+        device_kind="cpu",
+        torch_version="x",
+        dtype=Dtype.FP32,
+        date="2026-01-01",
+        method="test",
+    )
+    gpus = tuple(
+        ProfileGpu(gpu_id=i, host="h", local_index=i, device_name="cpu", memory_bytes=1)
+        for i in range(2)
+    )
     return Profile(schema_version=SCHEMA_VERSION, meta=meta, gpus=gpus)
 
 
@@ -130,7 +153,9 @@ def test_profile_round_trip_and_version(tmp_path):
 
 def test_alpha_beta_fit_recovers_known_line():
     alpha, beta = 20e-6, 5e9
-    samples = [LinkSample(bytes=b, seconds=alpha + b / beta) for b in (1 << 10, 1 << 16, 1 << 20, 1 << 24)]
+    samples = [
+        LinkSample(bytes=b, seconds=alpha + b / beta) for b in (1 << 10, 1 << 16, 1 << 20, 1 << 24)
+    ]
     a, bw = fit_alpha_beta(samples)
     assert a == pytest.approx(alpha, rel=1e-6) and bw == pytest.approx(beta, rel=1e-6)
     with pytest.raises(FormatError, match="two distinct"):
@@ -138,7 +163,9 @@ def test_alpha_beta_fit_recovers_known_line():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,16 @@ from planner.specs import ClusterSpec, GpuSpec, LinkSpec, ModelSpec, NodeSpec, T
 
 
 def _model(**kw):
-    base = dict(name="m", layers=2, hidden=64, heads=4, kv_heads=4, ffn_hidden=256, vocab=100, max_seq_len=32)
+    base = dict(
+        name="m",
+        layers=2,
+        hidden=64,
+        heads=4,
+        kv_heads=4,
+        ffn_hidden=256,
+        vocab=100,
+        max_seq_len=32,
+    )
     return ModelSpec(**{**base, **kw})
 
 
@@ -51,7 +60,9 @@ def test_param_count_gpt_by_hand():
 
 
 def test_param_count_llama_gqa_by_hand():
-    m = _model(kv_heads=2, mlp="swiglu", norm="rmsnorm", position="rope", bias=False, tied_embeddings=True)
+    m = _model(
+        kv_heads=2, mlp="swiglu", norm="rmsnorm", position="rope", bias=False, tied_embeddings=True
+    )
     h, f, kv = 64, 256, 2 * 16
     per_block = h * h + 2 * h * kv + h * h + 3 * h * f + 2 * h
     assert m.param_count().per_block == per_block
@@ -60,7 +71,13 @@ def test_param_count_llama_gqa_by_hand():
 
 @pytest.mark.parametrize(
     ("name", "billions"),
-    [("llama2-7b", 6.738), ("llama3-8b", 8.030), ("llama3-70b", 70.554), ("mistral-7b", 7.242), ("qwen2.5-7b", 7.616)],
+    [
+        ("llama2-7b", 6.738),
+        ("llama3-8b", 8.030),
+        ("llama3-70b", 70.554),
+        ("mistral-7b", 7.242),
+        ("qwen2.5-7b", 7.616),
+    ],
 )
 def test_preset_param_counts_match_published_totals(name, billions):
     # Published counts: the models' Hugging Face model cards / safetensors metadata.
@@ -90,31 +107,65 @@ def test_hf_llama_config_with_text_config_and_head_dim():
         },
     }
     m = model_from_hf_config(cfg, "x", "config.json")
-    assert (m.layers, m.heads, m.kv_heads, m.head_dim, m.mlp.value, m.tied_embeddings) == (3, 8, 2, 32, "swiglu", False)
+    assert (m.layers, m.heads, m.kv_heads, m.head_dim, m.mlp.value, m.tied_embeddings) == (
+        3,
+        8,
+        2,
+        32,
+        "swiglu",
+        False,
+    )
 
 
 def test_hf_gpt2_names_and_null_n_inner():
-    cfg = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None, "vocab_size": 50257, "n_positions": 1024}
+    cfg = {
+        "model_type": "gpt2",
+        "n_embd": 768,
+        "n_layer": 12,
+        "n_head": 12,
+        "n_inner": None,
+        "vocab_size": 50257,
+        "n_positions": 1024,
+    }
     m = model_from_hf_config(cfg, "gpt2", "config.json")
-    assert (m.ffn_hidden, m.mlp.value, m.tied_embeddings, m.position.value) == (3072, "gelu", True, "learned")
+    assert (m.ffn_hidden, m.mlp.value, m.tied_embeddings, m.position.value) == (
+        3072,
+        "gelu",
+        True,
+        "learned",
+    )
     # GPT-2 small has 124,439,808 parameters (Radford et al. 2019; HF model card).
     assert m.param_count().total == 124_439_808
 
 
 def test_hf_missing_field_and_bad_activation():
     with pytest.raises(SpecError, match="missing required field 'num_hidden_layers'"):
-        model_from_hf_config({"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 8}, "x", "config.json")
-    cfg = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8, "vocab_size": 10, "max_position_embeddings": 8, "hidden_act": "relu"}
+        model_from_hf_config(
+            {"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 8}, "x", "config.json"
+        )
+    cfg = {
+        "hidden_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 8,
+        "vocab_size": 10,
+        "max_position_embeddings": 8,
+        "hidden_act": "relu",
+    }
     with pytest.raises(SpecError, match="hidden_act='relu' is not supported"):
         model_from_hf_config(cfg, "x", "config.json")
 
 
 def test_model_yaml_and_unknown_field(tmp_path):
     p = tmp_path / "m.yaml"
-    p.write_text("family: llama\nlayers: 2\nhidden: 64\nheads: 4\nkv_heads: 2\nffn_hidden: 96\nvocab: 50\nmax_seq_len: 16\n")
+    p.write_text(
+        "family: llama\nlayers: 2\nhidden: 64\nheads: 4\nkv_heads: 2\nffn_hidden: 96\nvocab: 50\nmax_seq_len: 16\n"
+    )
     assert presets.load_model(str(p)).kv_heads == 2
     p.write_text("family: llama\nlayer: 2\n")
-    with pytest.raises(SpecError, match="unknown model field 'layer' \\(did you mean 'layers'\\?\\)"):
+    with pytest.raises(
+        SpecError, match="unknown model field 'layer' \\(did you mean 'layers'\\?\\)"
+    ):
         presets.load_model(str(p))
 
 
@@ -156,7 +207,9 @@ def test_cluster_nodes_disagreeing_with_flag(tmp_path):
 
 
 def test_training_validation():
-    with pytest.raises(SpecError, match=r"training.dtype='fp8' is not allowed; use one of bf16\|fp16\|fp32"):
+    with pytest.raises(
+        SpecError, match=r"training.dtype='fp8' is not allowed; use one of bf16\|fp16\|fp32"
+    ):
         TrainingSpec(global_batch=8, seq_len=16, dtype="fp8")
     with pytest.raises(SpecError, match="exceeds model"):
         TrainingSpec(global_batch=8, seq_len=64).check_model(_model())
@@ -181,5 +234,7 @@ def test_importing_planner_does_not_import_torch():
         "import cli.main; cli.main.build_app()\n"
         "print(json.dumps('torch' in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True
+    )
     assert json.loads(out.stdout) is False

@@ -13,7 +13,8 @@ overlaps the backward of the rank's last micro-batch (PyTorch DDP, Li et al. 202
 FSDP) for ZeRO-0/1; ZeRO-2/3 reduce-scatter after every micro-batch so gradients stay sharded;
 the parameter all-gather of ZeRO-1/2 follows the optimizer step and is exposed; ZeRO-3
 gathers weights in forward and backward of every micro-batch, prefetched under that
-micro-batch's compute (only the excess over that compute is exposed).
+micro-batch's compute (only the excess over that compute is exposed). On CPU workers
+(DeviceKind.CPU) nothing overlaps: gloo runs collectives on the cores that compute.
 Memory: exactly `SplitProblem.rank_memory_bytes` of the split, per pipeline rank.
 """
 
@@ -29,7 +30,7 @@ from planner.cost.schedule import simulate
 from planner.cost.split_problem import SplitProblem
 from planner.parallel import ParallelConfig
 from planner.profile import Profile
-from planner.specs import ClusterSpec, Dtype, ModelSpec, TrainingSpec
+from planner.specs import ClusterSpec, DeviceKind, Dtype, ModelSpec, TrainingSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,6 +239,9 @@ def estimate(
     rank_params = [0] * pp
     for k in range(chunks):
         rank_bwd[k % pp] += bwd[k]
+    # CPU workers run gloo collectives on the cores that compute, so nothing hides behind
+    # compute there; GPUs overlap them on copy engines / separate streams.
+    hides = 0.0 if any(n.gpu.kind is DeviceKind.CPU for n in cluster.nodes) else 1.0
     ends, opt_times = [], []
     for r in range(pp):
         n_params = layers_on[r] * rc.params.per_block
@@ -249,11 +253,11 @@ def estimate(
             sync = rc.dp_collective_s(sync_op, r, n_params * grad_bytes)
             if config.zero <= 1:
                 # once per step, overlapping the backward of the rank's last micro-batch
-                exposed = max(0.0, sync - rank_bwd[r])
+                exposed = max(0.0, sync - hides * rank_bwd[r])
             elif config.zero == 2:
                 # gradients stay sharded: a reduce-scatter after every micro-batch's backward
                 # (executor/train.py), each overlapping that backward
-                exposed = m * max(0.0, sync - rank_bwd[r])
+                exposed = m * max(0.0, sync - hides * rank_bwd[r])
             if config.zero in (1, 2):
                 exposed += rc.dp_collective_s(AG, r, n_params * dtype.nbytes)
             if config.zero == 3:
@@ -265,7 +269,7 @@ def estimate(
                 )
                 # per micro-batch: weights gathered for forward and again for backward, and
                 # the gradient reduce-scatter, all prefetched/overlapped under its compute
-                exposed = m * max(0.0, 2.0 * gather + sync - compute_per_mb)
+                exposed = m * max(0.0, 2.0 * gather + sync - hides * compute_per_mb)
         shard = config.dp if config.zero >= 1 else 1
         opt = n_params / shard * touched_per_param / rc.hbm_bytes_per_s[r]
         opt_times.append(opt)

@@ -56,7 +56,9 @@ class SplitProblem:
     def __post_init__(self) -> None:
         for name in ("block_time_s", "in_flight", "fixed_bytes", "capacity_bytes"):
             if len(getattr(self, name)) != self.pp:
-                raise ValueError(f"SplitProblem.{name} needs one entry per pipeline rank ({self.pp})")
+                raise ValueError(
+                    f"SplitProblem.{name} needs one entry per pipeline rank ({self.pp})"
+                )
         if self.num_layers < self.num_chunks:
             raise ValueError(f"num_layers={self.num_layers} < chunks={self.num_chunks}")
 
@@ -82,17 +84,23 @@ class SplitProblem:
 
     def objective_s(self, split: tuple[int, ...]) -> float:
         times = self.rank_times_s(split)
-        return (self.max_time_weight * max(times) + sum(times)) / self.virtual_stages + self.boundary_p2p_s
+        return (
+            self.max_time_weight * max(times) + sum(times)
+        ) / self.virtual_stages + self.boundary_p2p_s
 
     def rank_memory_bytes(self, split: tuple[int, ...]) -> tuple[float, ...]:
         last_rank = (self.num_chunks - 1) % self.pp
         out = list(self.fixed_bytes)
         for k, n in enumerate(split):
             r = k % self.pp
-            out[r] += n * (self.block_static_bytes + self.in_flight[r] * self.block_activation_bytes)
+            out[r] += n * (
+                self.block_static_bytes + self.in_flight[r] * self.block_activation_bytes
+            )
         out[0] += self.embedding_static_bytes + self.in_flight[0] * self.embedding_activation_bytes
         out[last_rank] += self.head_static_bytes + self.head_activation_bytes
         return tuple(out)
 
     def fits(self, split: tuple[int, ...]) -> bool:
-        return all(m <= c for m, c in zip(self.rank_memory_bytes(split), self.capacity_bytes, strict=True))
+        return all(
+            m <= c for m, c in zip(self.rank_memory_bytes(split), self.capacity_bytes, strict=True)
+        )
