@@ -79,9 +79,10 @@ def method_text(settings: ProfileSettings, device: torch.device, threads: int) -
     c, k = settings.compute, settings.links
     sizes = ",".join(str(s) for s in k.collective_sizes_bytes)
     return (
-        f"compute: {c.warmup} warm-up + {c.repeats} timed fwd/bwd per case, median and IQR "
+        f"compute: timed on all workers of a node at once (local rank 0 kept); "
+        f"{c.warmup} warm-up + {c.repeats} timed fwd/bwd per case, median and IQR "
         f"(p75-p25), clock {dev.clock_name(device)}, {threads} intra-op thread(s) per worker; "
-        "one worker per device type measures; embedding and head are not checkpointed by the "
+        "the first node of each device type measures; embedding and head are not checkpointed by the "
         "executor, so their one measurement is recorded under every recompute mode; activation "
         "bytes = tensors saved for backward (saved_tensors_hooks) de-duplicated by storage, "
         "parameters excluded; peak memory (GPU "
@@ -141,20 +142,20 @@ def worker_body(
     compute_deadline = started + budget * COMPUTE_BUDGET_SHARE if budget else None
     links_deadline = started + budget if budget else None
 
-    # Compute: the local rank 0 of the first node holding each device type.
+    # Compute: every worker of the first node holding each device type times the same cases at
+    # once, as training runs them (on CPU the workers share cores, caches and memory bandwidth;
+    # one worker timed alone ran 1.2-1.6x faster than in training); local rank 0's numbers are kept.
     first_node_of_type: dict[str, int] = {}
     for r in ranks:
         first_node_of_type.setdefault(r.device_name, r.node_rank)
-    measures = (
-        settings.measure_compute
-        and place.local_rank == 0
-        and first_node_of_type[info.name] == place.node_rank
-    )
+    measures = settings.measure_compute and first_node_of_type[info.name] == place.node_rank
+    keeps = measures and place.local_rank == 0
     records: list[ComputeRecord] = []
     cut: list[str] = []
     if measures:
         cases = compute_mod.compute_cases(settings.model, settings.compute)
-        reporter.phase("compute", len(cases))
+        if keeps:
+            reporter.phase("compute", len(cases))
         done = 0
         for batch in compute_mod.measure_all(
             settings.model,
@@ -163,10 +164,11 @@ def worker_body(
             info.name,
             should_stop=lambda: compute_deadline is not None and time.time() > compute_deadline,
         ):
-            records.extend(batch)
             done += 1
-            reporter.advance("compute")
-        if done < len(cases):
+            if keeps:
+                records.extend(batch)
+                reporter.advance("compute")
+        if keeps and done < len(cases):
             cut.append(f"compute on {place.host} after {done} of {len(cases)} cases")
             reporter.note(
                 f"[yellow]warning:[/] compute stopped by --budget-s or memory after "
