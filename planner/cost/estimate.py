@@ -250,7 +250,11 @@ def estimate(
         exposed = 0.0
         if config.dp > 1:
             sync_op = AR if config.zero == 0 else RS
+            # FSDP2/replicate (executor/dp.py) issue one collective per wrapped unit (every
+            # block, plus the root holding embedding/head), so the latency term is paid per unit.
+            units = layers_on[r] + 1
             sync = rc.dp_collective_s(sync_op, r, n_params * grad_bytes)
+            sync += (units - 1) * rc.dp_collective_s(sync_op, r, 0.0)
             if config.zero <= 1:
                 # once per step, overlapping the backward of the rank's last micro-batch
                 exposed = max(0.0, sync - hides * rank_bwd[r])
@@ -263,7 +267,7 @@ def estimate(
             if config.zero == 3:
                 gather = rc.dp_collective_s(
                     AG, r, layers_on[r] * rc.params.per_block * dtype.nbytes
-                )
+                ) + (layers_on[r] - 1) * rc.dp_collective_s(AG, r, 0.0)
                 compute_per_mb = layers_on[r] * (
                     rc.block[r].fwd_compute_s + rc.block[r].bwd_compute_s
                 )
