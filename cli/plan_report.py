@@ -219,20 +219,10 @@ def plan_sections(
 ) -> list[tuple[str, str]]:
     from cli import report_render as rr
     from cli.common import format_bytes
+    from planner.search_space import FIXABLE
 
     c = plan.config
-    fields = [
-        "tp",
-        "pp",
-        "dp",
-        "micro_batch",
-        "schedule",
-        "virtual_stages",
-        "recompute",
-        "sequence_parallel",
-        "zero",
-    ]
-    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in fields]
+    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in FIXABLE]
     cfg_rows += [
         ["micro-batches", plan.num_micro_batches],
         ["source", estimate_json.get("source", "?")],
