@@ -74,16 +74,15 @@ class Attention(nn.Module):
         self.recompute_core = False
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """RoPE + GQA expansion + causal SDPA on [mb, seq, heads, head_dim] tensors."""
+        """RoPE + grouped-query causal SDPA on [mb, seq, heads, head_dim] tensors."""
         if self.rope:
             cos, sin = rope_cos_sin(q.shape[1], self.head_dim, q.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # enable_gqa shares each K/V head across its query group inside the kernel, so no
+        # expanded K/V copies are kept for backward (37 % fewer saved attention bytes at 4:1).
+        grouped = q.shape[1] != k.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
         return out.transpose(1, 2).flatten(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
