@@ -107,6 +107,9 @@ def register(app: typer.Typer) -> None:
             raise SpecError("`meshplan launch` needs torch: pip install 'meshplan[torch]'")
         cmd = launch_command(plan, steps, metrics, data)
         env = {**os.environ, "MESHPLAN_NODE_INDEX": "0"}
+        # torchrun would default every process to 1 thread (with a warning); share the cores.
+        nproc = int(next(a for a in cmd if a.startswith("--nproc-per-node=")).split("=")[1])
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         err_console().print("running: " + " ".join(cmd[1:]))
         rc = subprocess.run(cmd, env=env).returncode
         if rc != 0:
