@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from executor_shapes import GPT, LLAMA
 
 import presets
 from executor.activation_checkpoint import apply_ac
@@ -20,32 +21,8 @@ from executor.model import HeadAndLoss, Transformer, TransformerBlock, init_weig
 from executor.pp import prune_to_chunk
 from planner.parallel import ParallelConfig, Recompute
 from planner.plan import StagePlan, build_plan, save_plan
-from planner.specs import Dtype, ModelSpec, TrainingSpec
+from planner.specs import Dtype, TrainingSpec
 
-GPT = ModelSpec(
-    name="tiny-gpt",
-    layers=4,
-    hidden=32,
-    heads=4,
-    kv_heads=4,
-    ffn_hidden=64,
-    vocab=64,
-    max_seq_len=16,
-)
-LLAMA = ModelSpec(
-    name="tiny-llama",
-    layers=4,
-    hidden=32,
-    heads=4,
-    kv_heads=2,
-    ffn_hidden=48,
-    vocab=64,
-    max_seq_len=16,
-    mlp="swiglu",
-    norm="rmsnorm",
-    position="rope",
-    bias=False,
-)
 SHAPES = {
     "gpt": GPT,
     "gpt-tied": replace(GPT, tied_embeddings=True),

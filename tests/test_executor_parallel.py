@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from executor_shapes import GPT, LLAMA
 
 import presets
 from executor.mesh import init_distributed
@@ -33,30 +34,6 @@ TOLERANCE = 1e-5  # fp32, issue 6
 SPAWN_TIMEOUT_S = 300
 LR = 1e-3  # large enough that 5 Adam steps move the loss visibly
 
-GPT = ModelSpec(
-    name="tiny-gpt",
-    layers=4,
-    hidden=32,
-    heads=4,
-    kv_heads=4,
-    ffn_hidden=64,
-    vocab=64,
-    max_seq_len=16,
-)
-LLAMA = ModelSpec(
-    name="tiny-llama",
-    layers=4,
-    hidden=32,
-    heads=4,
-    kv_heads=2,
-    ffn_hidden=48,
-    vocab=64,
-    max_seq_len=16,
-    mlp="swiglu",
-    norm="rmsnorm",
-    position="rope",
-    bias=False,
-)
 LLAMA_TIED = replace(LLAMA, name="tiny-llama-tied", tied_embeddings=True)
 TRAINING = TrainingSpec(global_batch=8, seq_len=16, dtype=Dtype.FP32)
 
