@@ -10,7 +10,8 @@ How the rows are modelled (the system that produced them, Megatron-LM in 2021): 
 (learned positions, LayerNorm, GELU MLP with ffn = 4h, biases, tied embeddings, dropout),
 vocab and seq from the file, fp16 mixed precision with fp32 gradients, full activation
 recompute, materialised softmax attention (no flash attention in 2021), no sequence parallelism
-(introduced in 2022), ZeRO 0, interleaved 1F1B when virtual_stages > 1, on dgx-a100-80gb nodes.
+(introduced in 2022), ZeRO 0, interleaved 1F1B when virtual_stages > 1, on dgx-a100-80gb nodes;
+the data-parallel all-reduce after the pipeline flush, not overlapped (`runtime.MEGATRON_2021`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
 from planner.cost.estimate import estimate
 from planner.hf import model_from_fields
 from planner.parallel import ParallelConfig, Recompute, Schedule
+from planner.runtime import MEGATRON_2021
 from planner.specs import ClusterSpec, Dtype, ModelSpec, TrainingSpec
 
 NODE_TYPE = "dgx-a100-80gb"
@@ -89,7 +91,14 @@ def predicted_tflops(
     case: CalibrationCase, constants: AnalyticConstants = DEFAULT_CONSTANTS
 ) -> float:
     """Hardware TFLOP/s per GPU the analytic model predicts for a row."""
-    est = estimate(case.model, case.training, case.cluster, case.config, constants=constants)
+    est = estimate(
+        case.model,
+        case.training,
+        case.cluster,
+        case.config,
+        constants=constants,
+        runtime=MEGATRON_2021,
+    )
     return est.hardware_tflops_per_gpu
 
 

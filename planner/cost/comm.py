@@ -1,7 +1,8 @@
 """Collective and point-to-point times over the actual GPUs of each group.
 
 Owns: alpha-beta collective times with ring factors (Thakur et al. 2005; nccl-tests
-PERFORMANCE.md): all-reduce 2(n-1)/n * bytes / bw + 2(n-1) * alpha, all-gather and
+PERFORMANCE.md): all-reduce 2(n-1)/n * bytes / bw + 2(n-1) * alpha (or NCCL's tree when that
+is faster: 2 ceil(log2 n) * alpha + 2 * bytes / bw), all-gather and
 reduce-scatter (n-1)/n * bytes / bw + (n-1) * alpha, where `bytes` is the full buffer and bw
 the slowest link of the group; NIC sharing when several groups of the same axis leave a node
 at once; measured collective fits / p2p matrix from a Profile when given.
@@ -13,6 +14,7 @@ O(world size) numpy work per call, never O(world size^2).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,13 +34,30 @@ class GroupLink:
 
 
 def ring_time_s(op: CollectiveOp, nbytes: float, link: GroupLink) -> float:
-    """Ring collective time (Thakur, Rabenseifner & Gropp 2005, Sec. 4; nccl-tests busbw)."""
+    """Collective time: ring (Thakur, Rabenseifner & Gropp 2005, Sec. 4; nccl-tests busbw), and
+    for all-reduce the faster of ring and tree, as NCCL picks per size (NCCL
+    `src/graph/tuning.cc`: the double binary tree's latency grows with log2 of the group, the
+    ring's linearly; Sanders, Speck & Traeff 2009 for the two-tree bandwidth).
+
+    The latency term is paid at any size, also for a 0-byte message: a collective issued per
+    FSDP unit pays it once per unit (dp_sync.py), whatever the unit holds.
+    """
     n = link.size
-    if n <= 1 or nbytes <= 0:
+    if n <= 1 or nbytes < 0:
         return 0.0
+    bw = link.bandwidth_bytes_per_s
     if op is CollectiveOp.ALL_REDUCE:
-        return 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / link.bandwidth_bytes_per_s
-    return (n - 1) * link.latency_s + (n - 1) / n * nbytes / link.bandwidth_bytes_per_s
+        ring = 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / bw
+        return min(ring, tree_all_reduce_s(nbytes, link))
+    return (n - 1) * link.latency_s + (n - 1) / n * nbytes / bw
+
+
+def tree_all_reduce_s(nbytes: float, link: GroupLink) -> float:
+    """Double-binary-tree all-reduce: reduce up and broadcast down a tree of depth
+    ceil(log2 n), each level one latency, pipelined so the data crosses each link about twice
+    (every rank sends and receives `nbytes` up and down: 2 * nbytes / bw)."""
+    depth = math.ceil(math.log2(link.size))
+    return 2 * depth * link.latency_s + 2 * nbytes / link.bandwidth_bytes_per_s
 
 
 class ClusterArrays:

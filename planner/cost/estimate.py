@@ -25,11 +25,13 @@ from typing import Any
 
 from planner.cost import analytic, memory
 from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
+from planner.cost.dp_sync import RankSyncInputs, exposed_dp_s
 from planner.cost.rankcosts import AG, AR, RS, RankCosts, build_rank_costs
 from planner.cost.schedule import simulate
 from planner.cost.split_problem import SplitProblem
 from planner.parallel import ParallelConfig
-from planner.profile import Profile
+from planner.profile import CollectiveOp, Profile
+from planner.runtime import EXECUTOR, RuntimeSemantics
 from planner.specs import ClusterSpec, DeviceKind, Dtype, ModelSpec, TrainingSpec
 
 
@@ -169,6 +171,42 @@ def split_problem(
     )
 
 
+def _rank_sync_inputs(
+    rc: RankCosts, config: ParallelConfig, training: TrainingSpec, split: tuple[int, ...], r: int
+) -> RankSyncInputs:
+    """Per-unit compute and collective times of pipeline rank r for dp_sync.py: one FSDP unit
+    per block and one root unit per chunk (embedding on the first rank, head on the last)."""
+    pp, chunks = rc.pp, len(split)
+    last_rank = (chunks - 1) % pp
+    sync_op = AR if config.zero == 0 else RS
+    grad_bytes, param_bytes = training.grad_dtype.nbytes, training.dtype.nbytes
+    per_block = rc.params.per_block
+    root = (rc.params.embedding if r == 0 else 0) + (rc.params.head if r == last_rank else 0)
+    first, last = r == 0, r == last_rank
+    blocks = sum(n for k, n in enumerate(split) if k % pp == r)
+
+    def coll(op: CollectiveOp, params: float) -> float:
+        return rc.dp_collective_s(op, r, params * (grad_bytes if op is not AG else param_bytes))
+
+    return RankSyncInputs(
+        blocks=blocks,
+        last_chunk_blocks=split[max(k for k in range(chunks) if k % pp == r)],
+        chunks=rc.virtual_stages,
+        micro_batches=rc.num_micro_batches,
+        zero=config.zero,
+        pp=pp,
+        block_fwd_s=rc.block[r].fwd_s,
+        block_bwd_s=rc.block[r].bwd_s,
+        root_fwd_s=(rc.embedding.fwd_s if first else 0.0) + (rc.head.fwd_s if last else 0.0),
+        root_bwd_s=(rc.embedding.bwd_s if first else 0.0) + (rc.head.bwd_s if last else 0.0),
+        block_reduce_s=coll(sync_op, per_block),
+        root_reduce_s=coll(sync_op, root) if root else 0.0,
+        block_gather_s=coll(AG, per_block) if config.zero >= 1 else 0.0,
+        root_gather_s=coll(AG, root) if config.zero >= 1 and root else 0.0,
+        root_first_chunk=r != last_rank or pp == 1,
+    )
+
+
 def _chunk_times(rc: RankCosts, split: tuple[int, ...], attr: str) -> tuple[float, ...]:
     last = len(split) - 1
     out = []
@@ -188,12 +226,14 @@ def estimate(
     profile: Profile | None = None,
     *,
     constants: AnalyticConstants = DEFAULT_CONSTANTS,
+    runtime: RuntimeSemantics = EXECUTOR,
 ) -> Estimate:
     """Predict one training step: time with breakdown, memory per pipeline rank, throughput.
 
     Raises ConfigError (from config.validate) naming the broken rule. `constants` replaces the
     analytic efficiency constants (the calibration script fits them; everyone else keeps the
-    default).
+    default); `runtime` is the runtime whose rules are priced (this executor unless a
+    calibration prices the published system that produced its data).
     """
     rc = build_rank_costs(model, training, cluster, config, profile, constants)
     problem = _problem(rc, model.layers)
@@ -235,45 +275,17 @@ def estimate(
     touched_per_param = (
         2 * opt_state + grad_bytes + dtype.nbytes * (2 if dtype is Dtype.FP32 else 1)
     )
-    rank_bwd = [0.0] * pp
-    rank_params = [0] * pp
-    for k in range(chunks):
-        rank_bwd[k % pp] += bwd[k]
     # CPU workers run gloo collectives on the cores that compute, so nothing hides behind
-    # compute there; GPUs overlap them on copy engines / separate streams.
-    hides = 0.0 if any(n.gpu.kind is DeviceKind.CPU for n in cluster.nodes) else 1.0
+    # compute there; GPUs overlap them on separate streams (dp_sync.py).
+    overlaps = not any(n.gpu.kind is DeviceKind.CPU for n in cluster.nodes)
     ends, opt_times = [], []
+    rank_params = [0] * pp
     for r in range(pp):
         n_params = layers_on[r] * rc.params.per_block
         n_params += rc.params.embedding if r == 0 else 0
         n_params += rc.params.head if r == last_rank else 0
-        exposed = 0.0
-        if config.dp > 1:
-            sync_op = AR if config.zero == 0 else RS
-            # FSDP2/replicate (executor/dp.py) issue one collective per wrapped unit (every
-            # block, plus the root holding embedding/head), so the latency term is paid per unit.
-            units = layers_on[r] + 1
-            sync = rc.dp_collective_s(sync_op, r, n_params * grad_bytes)
-            sync += (units - 1) * rc.dp_collective_s(sync_op, r, 0.0)
-            if config.zero <= 1:
-                # once per step, overlapping the backward of the rank's last micro-batch
-                exposed = max(0.0, sync - hides * rank_bwd[r])
-            elif config.zero == 2:
-                # gradients stay sharded: a reduce-scatter after every micro-batch's backward
-                # (executor/train.py), each overlapping that backward
-                exposed = m * max(0.0, sync - hides * rank_bwd[r])
-            if config.zero in (1, 2):
-                exposed += rc.dp_collective_s(AG, r, n_params * dtype.nbytes)
-            if config.zero == 3:
-                gather = rc.dp_collective_s(
-                    AG, r, layers_on[r] * rc.params.per_block * dtype.nbytes
-                ) + (layers_on[r] - 1) * rc.dp_collective_s(AG, r, 0.0)
-                compute_per_mb = layers_on[r] * (
-                    rc.block[r].fwd_compute_s + rc.block[r].bwd_compute_s
-                )
-                # per micro-batch: weights gathered for forward and again for backward, and
-                # the gradient reduce-scatter, all prefetched/overlapped under its compute
-                exposed = m * max(0.0, 2.0 * gather + sync - hides * compute_per_mb)
+        sync_in = _rank_sync_inputs(rc, config, training, split, r)
+        exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp > 1 else 0.0
         shard = config.dp if config.zero >= 1 else 1
         opt = n_params / shard * touched_per_param / rc.hbm_bytes_per_s[r]
         opt_times.append(opt)
