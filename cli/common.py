@@ -6,15 +6,19 @@ Conventions: data to stdout, messages to stderr; `--json` prints exactly one JSO
 from __future__ import annotations
 
 import json
-import sys
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
+from cli.stdio import data_stream
 from planner.errors import SpecError
 from planner.serialize import to_jsonable
 from planner.specs import ClusterSpec, Dtype, ModelSpec, TrainingSpec
+
+if TYPE_CHECKING:
+    from planner.profile import Profile
 
 # Options shared by `estimate` and `plan` (typer reads these as metadata only, so one instance
 # can serve several commands).
@@ -24,7 +28,14 @@ NODES_OPTION = typer.Option(None, "--nodes", help="Number of nodes of a node-typ
 GLOBAL_BATCH_OPTION = typer.Option(..., "--global-batch", help="Sequences per step.")
 SEQ_LEN_OPTION = typer.Option(..., "--seq-len", help="Tokens per sequence.")
 DTYPE_OPTION = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32")
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document.")
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+MEMORY_HEADROOM_OPTION = typer.Option(
+    None,
+    "--memory-headroom",
+    help="Fraction of every GPU's memory kept free, e.g. 0.1 (default: the GPU's "
+    "usable_memory_gib if set, else 0.05; see docs/cluster-yaml.md).",
+)
+PROFILE_OPTION = typer.Option(None, "--profile", help="Measured profile.json (default: analytic).")
 
 
 def err_console() -> Console:
@@ -33,12 +44,22 @@ def err_console() -> Console:
 
 
 def out_console() -> Console:
-    return Console()
+    """Data (tables, reports) to the real stdout, also while cli/stdio.py guards it."""
+    return Console(file=data_stream())
 
 
 def print_json(data: Any) -> None:
-    """Exactly one JSON document on stdout."""
-    sys.stdout.write(json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+    """Exactly one JSON document on stdout (the only writer that reaches it under `--json`)."""
+    stream = data_stream()
+    stream.write(json.dumps(to_jsonable(data), indent=2, sort_keys=True) + "\n")
+    stream.flush()
+
+
+def check_positive_float(option: str, value: float | None) -> None:
+    """A finite number > 0 (None: the option was not given). NaN compares false with
+    everything, so a plain `value <= 0` check would let it through."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise SpecError(f"{option} {value}: must be a finite number > 0")
 
 
 def load_model_arg(model: str) -> ModelSpec:
@@ -47,10 +68,37 @@ def load_model_arg(model: str) -> ModelSpec:
     return load_model(model)
 
 
-def load_cluster_arg(cluster: str, nodes: int | None) -> ClusterSpec:
+def load_cluster_arg(
+    cluster: str, nodes: int | None, memory_headroom: float | None = None
+) -> ClusterSpec:
+    """The cluster to plan on; with `memory_headroom`, every GPU plans against
+    memory x (1 - headroom) instead of its spec's usable memory."""
     from presets import load_cluster
 
-    return load_cluster(cluster, nodes)
+    if memory_headroom is not None and not (0.0 <= memory_headroom < 1.0):
+        raise SpecError(
+            f"--memory-headroom {memory_headroom}: must be a fraction in [0, 1) "
+            "(0.1 keeps 10 % of every GPU's memory free)"
+        )
+    spec = load_cluster(cluster, nodes)
+    return spec if memory_headroom is None else spec.with_memory_headroom(memory_headroom)
+
+
+def load_profile_for(
+    path: str | None, cluster: ClusterSpec, training: TrainingSpec, model: ModelSpec
+) -> Profile | None:
+    """Load `--profile` and refuse it for hardware it does not describe (SpecError naming the
+    field); print on stderr which parts of a partial match are used and which are not."""
+    if path is None:
+        return None
+    from planner.profile import load_profile
+    from planner.profile_match import check_profile_matches
+
+    profile = load_profile(path)
+    console = err_console()
+    for note in check_profile_matches(profile, cluster, training, model=model):
+        console.print(f"note: --profile {path}: {note}", highlight=False)
+    return profile
 
 
 def training_from_args(

@@ -17,14 +17,17 @@ from cli.common import (
     DTYPE_OPTION,
     GLOBAL_BATCH_OPTION,
     JSON_OPTION,
+    MEMORY_HEADROOM_OPTION,
     MODEL_OPTION,
     NODES_OPTION,
+    PROFILE_OPTION,
     SEQ_LEN_OPTION,
     err_console,
     format_bytes,
     format_seconds,
     load_cluster_arg,
     load_model_arg,
+    load_profile_for,
     out_console,
     print_json,
     training_from_args,
@@ -34,6 +37,9 @@ from planner.errors import ConfigError
 
 def derive_dp(num_gpus: int, tp: int, pp: int, dp: int | None) -> int:
     """`--dp` or GPUs / (tp * pp); an error naming the arithmetic when it does not divide."""
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be a positive integer (>= 1)")
     if dp is not None:
         return dp
     if num_gpus % (tp * pp):
@@ -42,6 +48,17 @@ def derive_dp(num_gpus: int, tp: int, pp: int, dp: int | None) -> int:
             f"{num_gpus % (tp * pp)}"
         )
     return num_gpus // (tp * pp)
+
+
+def _header(model: Any, cluster: Any, config: Any, training: Any) -> str:
+    return (
+        f"{model.name} on {cluster.name} ({cluster.num_gpus} GPUs): tp={config.tp} "
+        f"pp={config.pp} dp={config.dp} micro_batch={config.micro_batch} "
+        f"micro-batches={config.num_micro_batches(training)} schedule={config.schedule.value}"
+        f"{f' v={config.virtual_stages}' if config.virtual_stages > 1 else ''} "
+        f"recompute={config.recompute.value} sp={'on' if config.sequence_parallel else 'off'} "
+        f"zero={config.zero}"
+    )
 
 
 def _render(est: Any, header: str) -> None:
@@ -140,18 +157,16 @@ def register(app: typer.Typer) -> None:
         ),
         zero: int = typer.Option(0, "--zero", help="ZeRO stage over dp: 0 | 1 | 2 | 3"),
         dtype: str = DTYPE_OPTION,
-        profile: str = typer.Option(
-            None, "--profile", help="Measured profile.json (default: analytic)."
-        ),
+        profile: str = PROFILE_OPTION,
+        memory_headroom: float = MEMORY_HEADROOM_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Predict step time (with breakdown), memory per GPU and throughput of one configuration."""
         from planner.cost.estimate import estimate
         from planner.parallel import ParallelConfig
-        from planner.profile import load_profile
 
         model_spec = load_model_arg(model)
-        cluster_spec = load_cluster_arg(cluster, nodes)
+        cluster_spec = load_cluster_arg(cluster, nodes, memory_headroom)
         training = training_from_args(global_batch, seq_len, dtype, model_spec)
         config = ParallelConfig(
             tp=tp,
@@ -164,20 +179,16 @@ def register(app: typer.Typer) -> None:
             sequence_parallel=sequence_parallel,
             zero=zero,
         )
-        prof = load_profile(profile) if profile else None
+        prof = load_profile_for(profile, cluster_spec, training, model_spec)
         est = estimate(model_spec, training, cluster_spec, config, prof)
         if as_json:
             data = est.to_json()
             data["config"] = {name: getattr(config, name) for name in config.__dataclass_fields__}
             data["num_micro_batches"] = config.num_micro_batches(training)
             print_json(data)
-            return
-        header = (
-            f"{model_spec.name} on {cluster_spec.name} ({cluster_spec.num_gpus} GPUs): tp={config.tp} "
-            f"pp={config.pp} dp={config.dp} micro_batch={config.micro_batch} "
-            f"micro-batches={config.num_micro_batches(training)} schedule={config.schedule.value}"
-            f"{f' v={config.virtual_stages}' if config.virtual_stages > 1 else ''} "
-            f"recompute={config.recompute.value} sp={'on' if config.sequence_parallel else 'off'} "
-            f"zero={config.zero}"
-        )
-        _render(est, header)
+        else:
+            _render(est, _header(model_spec, cluster_spec, config, training))
+        if not est.fits:
+            # Like `plan`: a configuration that does not fit is "infeasible" (exit 3), after
+            # the report that shows by how much.
+            raise typer.Exit(3)

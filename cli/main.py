@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Any
 
 import typer
 
+from cli.stdio import guarded_stdout
 from planner.errors import MeshplanError
 
 COMMAND_MODULES = (
@@ -39,11 +41,38 @@ def build_app() -> typer.Typer:
     return app
 
 
+def build_command() -> Any:
+    """The (click) command group behind the app, with boolean flags shown without a `<bool>`
+    value: typer's rich help would otherwise invite `--json true`. Attributes are read by name
+    because typer >= 0.22 vendors click instead of depending on it."""
+    group = typer.main.get_command(build_app())
+    for command in group.commands.values():  # type: ignore[attr-defined]
+        for param in command.params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+    return group
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; known errors print one `error:` line to stderr and exit with their code."""
-    app = build_app()
+    """Run the CLI; known errors print one `error:` line to stderr and exit with their code.
+
+    stdout carries data only: see cli/stdio.py for the guard around every command.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    group = build_command()
+    with guarded_stdout(json_only="--json" in args):
+        return _run(group, args)
+
+
+def _run(group: Any, args: list[str]) -> int:
+    if not args:
+        # A bare `meshplan`: the help, then what is missing (click's own message is empty).
+        with group.make_context("meshplan", ["--help"], resilient_parsing=True) as ctx:
+            print(ctx.get_help(), file=sys.stderr)
+        print(f"error: missing command; use one of: {', '.join(group.commands)}", file=sys.stderr)
+        return 2
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = group.main(args=args, prog_name="meshplan", standalone_mode=False)
     except MeshplanError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,7 +8,7 @@ format (planner/plan.py).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,23 @@ from cli.common import (
     DTYPE_OPTION,
     GLOBAL_BATCH_OPTION,
     JSON_OPTION,
+    MEMORY_HEADROOM_OPTION,
     MODEL_OPTION,
     NODES_OPTION,
+    PROFILE_OPTION,
     SEQ_LEN_OPTION,
+    check_positive_float,
     err_console,
     format_bytes,
     format_seconds,
     load_cluster_arg,
     load_model_arg,
+    load_profile_for,
     out_console,
     print_json,
     training_from_args,
 )
+from cli.stdio import data_stream
 from planner.errors import SpecError
 from planner.search_space import FIXABLE
 
@@ -222,7 +227,7 @@ def _render(result: Any, model: Any, cluster: Any) -> None:
         + ("" if result.complete else " [yellow](stopped by --max-time-s: not exhaustive)[/]")
     )
     # Pipes get rich's default 80 columns, which would wrap every row of this table.
-    wide = out if out.width >= TABLE_WIDTH else Console(width=TABLE_WIDTH)
+    wide = out if out.width >= TABLE_WIDTH else Console(file=data_stream(), width=TABLE_WIDTH)
     wide.print(_table(result))
     out.print(_split_table(best, model))
     out.print(why_this_plan(result))
@@ -245,6 +250,89 @@ def _render_placement(planned: Any) -> None:
         out.print(f"  - {line}")
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """The output paths of one `plan` run, checked before the search starts."""
+
+    plan_path: Path | None
+    emit_dir: Path | None
+    report_dir: Path | None
+
+
+def _check_outputs(out: str | None, emit: str | None, report: str | None) -> _Outputs:
+    """Refuse every unwritable output before any work, so nothing is half-written."""
+    from planner.fileio import check_output_dir, check_output_file
+
+    plan_path = check_output_file(out, "--out") if out else None
+    emit_dir = check_output_dir(emit, "--emit") if emit else None
+    if emit_dir is not None:
+        from cli.launch_cmd import check_launch_dir
+
+        check_launch_dir(emit_dir, "--emit")
+    report_dir = check_output_dir(report, "--report") if report else None
+    if report_dir is not None:
+        from cli.report_render import require_matplotlib
+
+        require_matplotlib("--report")
+    return _Outputs(plan_path=plan_path, emit_dir=emit_dir, report_dir=report_dir)
+
+
+def _search_and_place(
+    model: Any, training: Any, cluster: Any, options: Any, prof: Any, budget_s: float
+) -> tuple[Any, Any]:
+    """The search, then rank placement of the winner, under one progress bar on stderr."""
+    from planner.planning import place_winner
+    from planner.search import search
+
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("searching", total=None)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
+
+        result = search(model, training, cluster, options, profile=prof, progress=progress)
+        bar.update(task, description="placing ranks", completed=0, total=None)
+        planned = place_winner(model, training, cluster, result, prof, time_budget_s=budget_s)
+    return replace(result, plans=planned.plans), planned
+
+
+def _write_outputs(
+    outputs: _Outputs, result: Any, model: Any, training: Any, cluster: Any, prof: Any
+) -> None:
+    """plan.json (--out), the launch directory (--emit, with its own plan.json) and pictures."""
+    from planner.plan import build_plan, save_plan
+    from planner.profile import profile_sha256
+
+    best = result.plans[0]
+    plan = build_plan(
+        model=model,
+        training=training,
+        cluster=cluster,
+        config=best.config,
+        prediction=best.estimate.to_json(),
+        source=best.estimate.source,
+        profile_sha256=profile_sha256(prof) if prof else None,
+    )
+    if outputs.emit_dir is not None:
+        from cli.launch_cmd import write_launch_dir
+        from executor.emit import EmitOptions
+
+        write_launch_dir(plan, outputs.emit_dir, EmitOptions(), option="--emit")
+    if outputs.plan_path is not None:
+        save_plan(plan, outputs.plan_path)
+    if outputs.report_dir is not None:
+        from cli.plan_report import write_plan_report
+
+        write_plan_report(plan, plan.prediction, outputs.report_dir, prof)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
@@ -253,9 +341,7 @@ def register(app: typer.Typer) -> None:
         nodes: int = NODES_OPTION,
         global_batch: int = GLOBAL_BATCH_OPTION,
         seq_len: int = SEQ_LEN_OPTION,
-        profile: str = typer.Option(
-            None, "--profile", help="Measured profile.json (default: analytic)."
-        ),
+        profile: str = PROFILE_OPTION,
         top: int = typer.Option(5, "--top", help="How many configurations to show."),
         out: str = typer.Option(None, "--out", help="Write the winner as plan.json here."),
         as_json: bool = JSON_OPTION,
@@ -276,26 +362,25 @@ def register(app: typer.Typer) -> None:
             None, "--max-time-s", help="Stop searching after this many seconds (best so far)."
         ),
         dtype: str = DTYPE_OPTION,
+        memory_headroom: float = MEMORY_HEADROOM_OPTION,
         placement_budget_s: float = typer.Option(
             3.0,
             "--placement-budget-s",
             help="Time for the rank-placement search on large clusters.",
         ),
         emit: str = typer.Option(
-            None, "--emit", help="Also write launch files here (implies --out DIR/plan.json)."
+            None, "--emit", help="Also write launch files here (the plan is DIR/plan.json)."
         ),
         report: str = typer.Option(None, "--report", help="Also write the plan's pictures here."),
     ) -> None:
         """Search the fastest parallel configuration that fits memory; show the top-k and why."""
-        from planner.plan import build_plan, save_plan
-        from planner.planning import place_winner
-        from planner.profile import load_profile, profile_sha256
-        from planner.search import search
         from planner.search_space import SearchOptions, parse_allow, parse_fix
 
-        if placement_budget_s <= 0:
-            raise SpecError(f"--placement-budget-s {placement_budget_s} must be > 0")
-
+        check_positive_float("--placement-budget-s", placement_budget_s)
+        check_positive_float("--max-time-s", max_time_s)
+        if top < 1:
+            raise SpecError(f"--top {top}: must be >= 1")
+        outputs = _check_outputs(out, emit, report)
         options = SearchOptions(
             top_k=top,
             allow=parse_allow(allow),
@@ -303,53 +388,14 @@ def register(app: typer.Typer) -> None:
             max_time_s=max_time_s,
         )
         model_spec = load_model_arg(model)
-        cluster_spec = load_cluster_arg(cluster, nodes)
+        cluster_spec = load_cluster_arg(cluster, nodes, memory_headroom)
         training = training_from_args(global_batch, seq_len, dtype, model_spec)
-        prof = load_profile(profile) if profile else None
-        with Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=err_console(),
-            transient=True,
-        ) as bar:
-            task = bar.add_task("searching", total=None)
-
-            def progress(phase: str, done: int, total: int) -> None:
-                bar.update(task, description=phase, completed=done, total=total)
-
-            result = search(
-                model_spec, training, cluster_spec, options, profile=prof, progress=progress
-            )
-            bar.update(task, description="placing ranks", completed=0, total=None)
-            planned = place_winner(
-                model_spec, training, cluster_spec, result, prof, time_budget_s=placement_budget_s
-            )
-        result = replace(result, plans=planned.plans)
-        if emit and not out:
-            out = str(Path(emit).with_name(Path(emit).name + "-plan.json"))
-        if out or report:
-            best = result.plans[0]
-            plan = build_plan(
-                model=model_spec,
-                training=training,
-                cluster=cluster_spec,
-                config=best.config,
-                prediction=best.estimate.to_json(),
-                source=best.estimate.source,
-                profile_sha256=profile_sha256(prof) if prof else None,
-            )
-            if out:
-                save_plan(plan, out)
-            if report:
-                from cli.plan_report import write_plan_report
-
-                write_plan_report(plan, plan.prediction, report, prof)
-        if emit:
-            from cli.launch_cmd import emit_files
-
-            emit_files(out, emit)
+        prof = load_profile_for(profile, cluster_spec, training, model_spec)
+        result, planned = _search_and_place(
+            model_spec, training, cluster_spec, options, prof, placement_budget_s
+        )
+        if out or report or emit:
+            _write_outputs(outputs, result, model_spec, training, cluster_spec, prof)
         if as_json:
             doc = plan_json(result, training)
             doc["placement"] = placement_json(planned.placement, planned.resplit)

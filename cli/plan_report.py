@@ -1,8 +1,9 @@
 """The report of one plan: the per-op pipeline timeline, the memory picture and HTML sections.
 
 Owns: `timeline_events` (a replay of the cost model's schedule with per-op start/end times),
-`write_plan_report` (timeline + memory PNG/SVG for `meshplan plan --report DIR`), the HTML
-sections of a plan and of a validation report, and the scatter points of a validation.
+`write_plan_report` (timeline + memory PNG/SVG for `meshplan plan --report DIR`; it checks
+matplotlib and the directory first), `ensure_output_dir` (check and create an output directory),
+the HTML sections of a plan and of a validation report, and the scatter points of a validation.
 Does not own: predictions (planner/cost/), drawing (cli/report_render.py) or measuring
 (cli/validate_cmd.py). planner/ is imported inside the functions, as commands do.
 """
@@ -175,17 +176,22 @@ def _memory_stages(estimate_json: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_plan_report(
-    plan: Any, estimate_json: dict[str, Any], out_dir: str | Path, profile: Any = None
+    plan: Any,
+    estimate_json: dict[str, Any],
+    out_dir: str | Path,
+    profile: Any = None,
+    option: str = "--report",
 ) -> list[Path]:
     """Timeline and memory pictures (PNG + SVG) of a plan in `out_dir`; returns the paths.
 
     `estimate_json` is the cost model's `Estimate.to_json()` for the plan (usually
-    `plan.prediction`); `profile` the Profile it was made with (None: analytic).
+    `plan.prediction`); `profile` the Profile it was made with (None: analytic). `option` names
+    the directory in errors: a missing matplotlib or an unwritable directory is one SpecError.
     """
     from cli import report_render as rr
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rr.require_matplotlib(option)
+    out = ensure_output_dir(out_dir, option)
     c = plan.config
     events, end, _ = timeline_events(
         plan.model, plan.training, plan.cluster, c, profile, estimate_json
@@ -194,6 +200,7 @@ def write_plan_report(
     paths = rr.save_figure(
         rr.timeline_figure(events, ranks=c.pp, makespan_s=end, title=f"Pipeline timeline, {name}"),
         out / "timeline",
+        option,
     )
     stages = _memory_stages(estimate_json)
     capacity = min((s["capacity_bytes"] for s in estimate_json.get("stages", [])), default=None)
@@ -202,8 +209,24 @@ def write_plan_report(
             stages, capacity_bytes=capacity, title=f"Predicted memory per device, {name}"
         ),
         out / "memory",
+        option,
     )
     return paths
+
+
+def ensure_output_dir(path: str | Path, option: str) -> Path:
+    """Check the output directory (planner/fileio.py) and create it; errors are one SpecError."""
+    from planner.errors import SpecError
+    from planner.fileio import check_output_dir
+
+    out = check_output_dir(path, option)
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as e:
+        raise SpecError(
+            f"{option} {out}: cannot create the directory ({e.strerror or e})"
+        ) from None
+    return out
 
 
 def fmt_ms(s: float | None) -> str:
@@ -215,8 +238,9 @@ def fmt_pct(x: float | None) -> str:
 
 
 def plan_sections(
-    plan: Any, estimate_json: dict[str, Any], out: Path, profile: Any
+    plan: Any, estimate_json: dict[str, Any], out: Path, profile: Any, option: str = "--out"
 ) -> list[tuple[str, str]]:
+    """The plan's HTML sections; draws its pictures into `out` (named by `option` in errors)."""
     from cli import report_render as rr
     from cli.common import format_bytes
     from planner.search_space import FIXABLE
@@ -240,11 +264,10 @@ def plan_sections(
         ]
         for s in estimate_json.get("stages", [])
     ]
-    events, end, caption = timeline_events(
+    _, _, caption = timeline_events(
         plan.model, plan.training, plan.cluster, c, profile, estimate_json
     )
-    del events, end
-    write_plan_report(plan, estimate_json, out, profile)
+    write_plan_report(plan, estimate_json, out, profile, option)
     notes = "".join(f"<li>{n}</li>" for n in estimate_json.get("notes", []))
     return [
         ("Configuration", rr.html_table(["field", "value"], cfg_rows)),

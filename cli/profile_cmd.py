@@ -3,16 +3,27 @@
 `profile` is a typer group whose callback runs the measurement when no subcommand is given
 (`invoke_without_command`), so `meshplan profile --device cpu --quick` and
 `meshplan profile merge DIR --out profile.json` both work. torch is imported only inside.
+Owns: the options and their up-front checks (numbers, torch, --out before anything is
+measured) and the output file appearing only whole (`staged_output`, `atomic_write_text`).
+Does not own: measuring (profiler/run.py and the rest of profiler/) or merging
+(profiler/merge.py).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
 from cli.common import err_console, load_model_arg, out_console, print_json
+from cli.extras import require_torch
 from planner.errors import SpecError
+from planner.fileio import atomic_write_text, check_not_inputs, check_output_dir, check_output_file
 from planner.serialize import to_jsonable
 
 DEFAULT_MODEL = "tiny-gpt"
@@ -39,6 +50,70 @@ def _parse_phases(text: str) -> tuple[bool, bool]:
     if unknown or not parts:
         raise SpecError(f"--phases {text!r}: use compute, links or compute,links")
     return "compute" in parts, "links" in parts
+
+
+def check_profile_numbers(nproc: int | None, budget_s: float | None) -> None:
+    if nproc is not None and nproc < 1:
+        raise SpecError(f"--nproc {nproc}: must be a positive integer")
+    if budget_s is not None and (not math.isfinite(budget_s) or budget_s <= 0):
+        raise SpecError(f"--budget-s {budget_s}: must be a positive number of seconds (finite)")
+
+
+def check_profile_out(out: str | None, distributed: bool) -> Path | None:
+    """Check --out before anything is measured; return the file a local run writes.
+
+    None under `--distributed`: each node writes DIR/profile-<host>.json there, named by the
+    host the worker finds (profiler/run.py).
+    """
+    from profiler.run import DEFAULT_DISTRIBUTED_DIR, is_directory_target, node_file
+
+    if distributed:
+        target = out or DEFAULT_DISTRIBUTED_DIR
+        if is_directory_target(target):  # else profiler/run.py says to give a directory
+            check_output_dir(target, "--out")
+        return None
+    target = out or "profile.json"
+    if not is_directory_target(target):
+        return check_output_file(target, "--out")
+    if Path(target).is_file():
+        raise SpecError(
+            f"--out {target}: is a file without a .json suffix; give a .json file or a DIR"
+        )
+    directory = check_output_dir(target, "--out")
+    final = node_file(directory, socket.gethostname())
+    if directory.is_dir():
+        check_output_file(final, "--out")
+    return final
+
+
+@contextmanager
+def staged_output(final: Path, option: str) -> Iterator[Path]:
+    """A temporary path beside `final` for the body to write; renamed onto `final` only when
+    the body succeeds, so a failed or interrupted run leaves no partial file (and an old
+    `final` untouched). `final`'s directory is created then, if it is new."""
+    parent = final.parent if final.parent.is_dir() else final.parent.parent
+    # A .json suffix, so profiler/run.py writes it as a file, not as a directory target.
+    staged = parent / f".{final.name}.{os.getpid()}.tmp.json"
+    try:
+        yield staged
+        try:
+            final.parent.mkdir(exist_ok=True)
+            os.replace(staged, final)
+        except OSError as e:
+            raise SpecError(f"{option} {final}: cannot write ({e.strerror or e})") from None
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _default_nproc(device: str, distributed: bool) -> int:
+    """Default workers: torchrun's local world size, 2 on CPU, every visible GPU."""
+    if distributed:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device == "cpu":
+        return 2
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def register(app: typer.Typer) -> None:
@@ -93,6 +168,7 @@ def register(app: typer.Typer) -> None:
         """Measure per-block compute and memory, every device pair and collectives; write a profile."""
         if ctx.invoked_subcommand is not None:
             return
+        require_torch("`meshplan profile`")
         from planner.specs import Dtype
         from profiler import device as dev
         from profiler.run import run_profile
@@ -102,20 +178,10 @@ def register(app: typer.Typer) -> None:
         kind = dev.parse_device_kind(device)
         if dtype is not None and dtype not in {d.value for d in Dtype}:
             raise SpecError(f"--dtype {dtype!r} is not allowed; use one of bf16|fp16|fp32")
+        check_profile_numbers(nproc, budget_s)
+        final = check_profile_out(out, distributed)
         spec = load_model_arg(model)
-        if nproc is None:
-            import os
-
-            if distributed:
-                nproc = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            elif device == "cpu":
-                nproc = 2
-            else:
-                import torch
-
-                nproc = max(1, torch.cuda.device_count())
-        if nproc < 1:
-            raise SpecError(f"--nproc {nproc}: must be a positive integer")
+        nproc = nproc if nproc is not None else _default_nproc(device, distributed)
         measure_compute, measure_links = _parse_phases(phases)
         from dataclasses import replace
 
@@ -135,9 +201,14 @@ def register(app: typer.Typer) -> None:
             measure_links=measure_links,
         )
         console = err_console()
-        result = run_profile(
-            settings, nproc=nproc, distributed=distributed, out=out, console=console
-        )
+        if final is None:
+            result = run_profile(settings, nproc=nproc, distributed=True, out=out, console=console)
+        else:
+            with staged_output(final, "--out") as staged:
+                result = run_profile(
+                    settings, nproc=nproc, distributed=False, out=str(staged), console=console
+                )
+            result = replace(result, written=(final,))
         if result.profile is None:
             return
         if as_json:
@@ -162,17 +233,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     ) -> None:
         """Merge node profiles into one cluster profile (rejects duplicates, gaps, mismatches)."""
-        from planner.profile import save_profile
+        from planner.serialize import dumps
         from profiler.merge import collect_paths, load_sources, merge_profiles
         from profiler.summary import render_summary
 
-        out_path = Path(out)
+        out_path = check_output_file(out, "--out")
+        # A file named on the command line is never overwritten; a directory's old result is
+        # skipped by load_sources, so re-running a merge into the same directory works.
+        check_not_inputs(out_path, [s for s in sources if Path(s).is_file()], "--out")
         merged, notes = merge_profiles(load_sources(collect_paths(sources), out_path))
-        try:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            save_profile(merged, out_path)
-        except OSError as e:
-            raise SpecError(f"--out {out}: cannot write ({e.strerror})") from None
+        atomic_write_text(out_path, dumps(merged), "--out")
         console = err_console()
         if as_json:
             print_json({"out": str(out_path), "notes": notes, "profile": to_jsonable(merged)})

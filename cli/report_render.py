@@ -3,18 +3,23 @@
 Owns: three matplotlib figures (Agg backend, imported lazily) — the pipeline timeline (Gantt per
 pipeline rank), memory per rank stacked by kind against capacity, predicted vs measured step
 time — saved as PNG and SVG, and one self-contained HTML page (inline CSS and SVG, no network).
-Does not own: any number in them. It imports neither planner/ nor torch: callers pass plain
-lists/dicts (cli/validate_cmd.py builds them from the plan, the estimate and the measurements),
-so what is drawn is exactly what the caller computed.
+Also owns `require_matplotlib`, the up-front check of every command that draws.
+Does not own: any number in them. It imports neither torch nor planner/ (bar its error type):
+callers pass plain lists/dicts (cli/validate_cmd.py builds them from the plan, the estimate and
+the measurements), so what is drawn is exactly what the caller computed.
 """
 
 from __future__ import annotations
 
 import html
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from cli.extras import require
+from planner.errors import SpecError
 
 # Colours per timeline op kind and memory kind (matplotlib's tab10, colour-blind friendly order).
 TIMELINE_COLOURS = {
@@ -31,8 +36,17 @@ MIB = 2**20
 LOG_AXES_RATIO = 5.0
 
 
+def require_matplotlib(needed_by: str) -> None:
+    """Raise one SpecError with the install hint when matplotlib is missing.
+
+    Commands that draw call this before any work, e.g. `require_matplotlib("--report")`.
+    """
+    require("matplotlib", "report", needed_by)
+
+
 def _pyplot() -> Any:
     """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
+    require_matplotlib("drawing the report's pictures")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,16 +55,36 @@ def _pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, out_base: str | Path) -> list[Path]:
-    """Write `<out_base>.png` and `<out_base>.svg`; close the figure."""
+def save_figure(fig: Any, out_base: str | Path, option: str = "--out") -> list[Path]:
+    """Write `<out_base>.png` and `<out_base>.svg`, each atomically; close the figure.
+
+    `option` is the command-line option that named the directory, for the error message.
+    """
     plt = _pyplot()
     base = Path(out_base)
-    base.parent.mkdir(parents=True, exist_ok=True)
     paths = [base.with_suffix(".png"), base.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomically(fig, paths[0], format="png", dpi=120, bbox_inches="tight")
+        _save_atomically(fig, paths[1], format="svg", bbox_inches="tight", metadata={"Date": None})
+    except OSError as e:
+        raise SpecError(
+            f"{option} {base.parent}: cannot write {e.filename or base} ({e.strerror or e})"
+        ) from None
+    finally:
+        plt.close(fig)
     return paths
+
+
+def _save_atomically(fig: Any, path: Path, **kwargs: Any) -> None:
+    """savefig into a temporary file beside `path`, then rename: never a half-drawn picture."""
+    # savefig creates the file itself, so it gets the usual permissions (mkstemp's are 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def bubbles(

@@ -1,24 +1,33 @@
 """Launch files for a plan: per-node torchrun scripts, a Slurm batch file, a Kubeflow PyTorchJob.
 
-Owns: rendering those files from a Plan, checking the plan against its cluster first, and
-writing the launch directory atomically (a temporary directory renamed into place, so a failed
-emit never leaves a half-written launch/). Does not import torch: emitting works on a laptop.
+Owns: checking emit options and the plan against its cluster, rendering the files (a pure
+function of plan and options). Does not own: writing the directory and its marker file
+(cli/launch_cmd.py). Does not import torch: emitting works on a laptop.
 
 Rank order: torchrun numbers processes node-major (global rank = node_rank * nproc + local
 rank) only when node ranks are pinned, and the c10d rendezvous may number nodes in arrival
 order. So every launcher here also exports MESHPLAN_NODE_INDEX (the plan's node index); the
 executor computes its GPU id from it and LOCAL_RANK and maps GPU ids to mesh coordinates with
 the plan's rank map, whatever order the rendezvous chose.
+
+Paths: no launcher changes the working directory, so relative paths passed to a launch script
+(`--metrics m.jsonl`, `--data`, `--checkpoint-dir`) mean the caller's directory. Each launcher
+finds plan.json on its own: node<i>.sh beside itself; job.sbatch, which Slurm runs from a spool
+copy, by content (the plan's sha256) among the emit-time and submit directories; the
+PyTorchJob from gzip parts in ConfigMaps, so a plan of any size fits Kubernetes' object limits.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
+import re
 import shlex
-import shutil
-import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from planner.errors import SpecError
 from planner.plan import Plan, plan_to_json
@@ -30,146 +39,274 @@ DEFAULT_PORT = 29500
 # torchrun's default when unset is 1 thread per process (with a warning); on CPU clusters we
 # give each process an equal share of the host's cores instead (executor/train.py does too).
 GPU_OMP_THREADS = 4
+# Gzipped plan bytes per ConfigMap. Base64 makes ~171 KiB: under the 256 KiB that client-side
+# `kubectl apply` may keep in its last-applied annotation, and far under a ConfigMap's 1 MiB.
+PLAN_PART_BYTES = 128 * 1024
+PARTS_MOUNT = "/etc/meshplan"
+UNPACK_DIR = "/tmp/meshplan"
+CHECKPOINT_MOUNT = "/checkpoints"
+_HOOK_KEY = "meshplan-hook-"
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+# The image-reference grammar of github.com/distribution/reference, which docker, containerd
+# and the kubelet parse: [DOMAIN[:PORT]/]PATH[:TAG][@DIGEST].
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_PATH = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_REF = re.compile(
+    rf"(?:{_DOMAIN}/)?{_PATH}(?:/{_PATH})*(?::[\w][\w.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+_K8S_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmitOptions:
-    """What the launch files pass to the executor and launcher."""
+    """What the launch files pass to the executor and launcher; checked when built."""
 
     rdzv_endpoint: str | None = None
     data: str | None = None
     steps: int | None = None
     container: str = "meshplan:latest"
     metrics: str | None = None
+    checkpoint_pvc: str = "meshplan-checkpoints"
+    checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise SpecError(f"--steps={self.steps} must be >= 1")
+        if self.checkpoint_every < 1:
+            raise SpecError(f"--checkpoint-every={self.checkpoint_every} must be >= 1")
         if self.rdzv_endpoint is not None:
-            host, _, port = self.rdzv_endpoint.rpartition(":")
-            if not host or not port.isdigit():
-                raise SpecError(f"--rdzv-endpoint={self.rdzv_endpoint!r} must be HOST:PORT")
+            _check_endpoint(self.rdzv_endpoint)
+        _check_image(self.container)
+        if len(self.checkpoint_pvc) > 253 or not _K8S_NAME.fullmatch(self.checkpoint_pvc):
+            raise SpecError(
+                f"--checkpoint-pvc={self.checkpoint_pvc!r} must be a Kubernetes object name: "
+                "lower-case letters, digits, '-' and '.', at most 253 characters"
+            )
+
+    @property
+    def rdzv_port(self) -> int:
+        return int(self.rdzv_endpoint.rpartition(":")[2]) if self.rdzv_endpoint else DEFAULT_PORT
+
+
+def _check_endpoint(endpoint: str) -> None:
+    host, _, port = endpoint.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()):
+        raise SpecError(f"--rdzv-endpoint={endpoint!r} must be HOST:PORT")
+    if not _HOST.fullmatch(host):
+        raise SpecError(
+            f"--rdzv-endpoint={endpoint!r}: host {host!r} may hold only letters, digits, '.' "
+            "and '-' (or be an [IPv6] address)"
+        )
+    if not 1 <= int(port) <= 65535:
+        raise SpecError(f"--rdzv-endpoint={endpoint!r}: port {port} must be 1..65535")
+
+
+def _check_image(image: str) -> None:
+    if not image or any(c.isspace() for c in image):
+        raise SpecError(
+            f"--container={image!r} must be one image reference without whitespace, "
+            "e.g. registry.example.com/team/meshplan:0.1"
+        )
+    if not _IMAGE_REF.fullmatch(image):
+        raise SpecError(
+            f"--container={image!r} is not an image reference: [REGISTRY[:PORT]/]NAME[:TAG]"
+            "[@sha256:DIGEST], NAME of lower-case letters, digits, '.', '_', '-' and '/'"
+        )
 
 
 def check_plan(plan: Plan) -> None:
-    """Refuse plans the launchers cannot realise, with one clear line."""
+    """Refuse plans the launchers cannot realise, with one clear line (linear in ranks)."""
     cfg = plan.config
-    n = plan.cluster.num_gpus
+    n = sum(node.gpus for node in plan.cluster.nodes)
     if cfg.world_size != n:
         raise SpecError(
             f"plan: tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.world_size} != the cluster's {n} GPUs"
         )
-    if plan.cluster.uniform_gpus_per_node is None:
+    per_node = plan.cluster.uniform_gpus_per_node
+    if per_node is None:
         counts = sorted({node.gpus for node in plan.cluster.nodes})
         raise SpecError(
             f"launch files need the same GPU count on every node (plan's cluster has {counts})"
         )
     for r in plan.ranks:
-        node, local = plan.cluster.gpu_location(r.gpu_id)
+        # Uniform nodes: the location is arithmetic (ClusterSpec.gpu_location scans the nodes).
+        node, local = divmod(r.gpu_id, per_node)
         if (node, local) != (r.node, r.local_gpu):
             raise SpecError(
                 f"plan: rank {r.rank} says node {r.node} GPU {r.local_gpu}, but GPU id {r.gpu_id} is node {node} GPU {local}"
             )
 
 
-def plan_id(plan: Plan) -> str:
-    return hashlib.sha256(plan_to_json(plan).encode()).hexdigest()[:10]
+def plan_id(plan: Plan | str) -> str:
+    """The first 10 hex digits of plan.json's sha256; pass plan.json's text where you have it
+    (serialising a plan costs about 0.3 s per 1,000 nodes)."""
+    text = plan if isinstance(plan, str) else plan_to_json(plan)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _device(plan: Plan) -> str:
-    return "cpu" if plan.cluster.nodes[0].gpu.kind is DeviceKind.CPU else "cuda"
+@dataclass(frozen=True)
+class _Job:
+    """Everything the files are rendered from, computed once per render: serialising the plan
+    is the expensive part (4 MB at 2,048 nodes)."""
+
+    plan: Plan
+    opts: EmitOptions
+    plan_json: str
+    sha256: str
+    nodes: int
+    per_node: int
+    device: str
+    launch_dir: Path | None
+
+    @property
+    def pid(self) -> str:
+        return self.sha256[:10]
+
+    @property
+    def layout(self) -> str:
+        c = self.plan.config
+        return f"tp={c.tp} pp={c.pp} dp={c.dp}"
 
 
-def _train_args(plan: Plan, opts: EmitOptions, plan_path: str) -> list[str]:
-    args = ["-m", ENTRY_MODULE, "--plan", plan_path, "--device", _device(plan)]
-    if opts.steps is not None:
-        args += ["--steps", str(opts.steps)]
-    if opts.data is not None:
-        args += ["--data", opts.data]
-    if opts.metrics is not None:
-        args += ["--metrics", opts.metrics]
+def _job(plan: Plan, opts: EmitOptions, launch_dir: Path | None) -> _Job:
+    text = plan_to_json(plan)
+    return _Job(
+        plan=plan,
+        opts=opts,
+        plan_json=text,
+        sha256=hashlib.sha256(text.encode()).hexdigest(),
+        nodes=len(plan.cluster.nodes),
+        per_node=plan.cluster.uniform_gpus_per_node or 0,
+        device="cpu" if plan.cluster.nodes[0].gpu.kind is DeviceKind.CPU else "cuda",
+        launch_dir=launch_dir,
+    )
+
+
+class _Sh(str):
+    """A shell word that is already quoted (it expands a variable): `_join` keeps it as is."""
+
+
+def _join(words: Iterable[str]) -> str:
+    return " ".join(w if isinstance(w, _Sh) else shlex.quote(w) for w in words)
+
+
+def _train_args(job: _Job, plan_path: str) -> list[str]:
+    args = ["-m", ENTRY_MODULE, "--plan", plan_path, "--device", job.device]
+    o = job.opts
+    for flag, value in (("--steps", o.steps), ("--data", o.data), ("--metrics", o.metrics)):
+        if value is not None:
+            args += [flag, str(value)]
     return args
 
 
-def _torchrun(plan: Plan, endpoint: str, rdzv_id: str, node_rank: str) -> list[str]:
+def _torchrun(job: _Job, endpoint: str, rdzv_id: str, node_rank: str) -> list[str]:
+    """torchrun's options; the last three arguments are shell words (quoted by the caller)."""
     return [
         "torchrun",
-        f"--nnodes={len(plan.cluster.nodes)}",
-        f"--nproc-per-node={plan.cluster.uniform_gpus_per_node}",
-        f"--node-rank={node_rank}",
+        f"--nnodes={job.nodes}",
+        f"--nproc-per-node={job.per_node}",
+        _Sh(f"--node-rank={node_rank}"),
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-id={rdzv_id}",
+        _Sh(f"--rdzv-endpoint={endpoint}"),
+        _Sh(f"--rdzv-id={rdzv_id}"),
     ]
 
 
-def _omp_line(plan: Plan) -> str:
-    if _device(plan) == "cpu":
-        per_node = plan.cluster.uniform_gpus_per_node
-        return f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) / {per_node} > 0 ? $(nproc) / {per_node} : 1 ))}}"'
+def _omp_line(job: _Job) -> str:
+    if job.device == "cpu":
+        p = job.per_node
+        return f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( $(nproc) / {p} > 0 ? $(nproc) / {p} : 1 ))}}"'
     return f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{GPU_OMP_THREADS}}}"'
 
 
-def node_script(plan: Plan, node: int, opts: EmitOptions) -> str:
-    nodes = len(plan.cluster.nodes)
-    pid = plan_id(plan)
-    if opts.rdzv_endpoint:
-        endpoint_line = f'RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-{opts.rdzv_endpoint}}}"'
-    elif nodes == 1:
-        endpoint_line = f'RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-localhost:{DEFAULT_PORT}}}"'
+def node_script(job: _Job, node: int) -> str:
+    if job.opts.rdzv_endpoint or job.nodes == 1:
+        default = job.opts.rdzv_endpoint or f"localhost:{DEFAULT_PORT}"
+        endpoint_line = f'RDZV_ENDPOINT="${{MESHPLAN_RDZV_ENDPOINT:-{default}}}"'
     else:
         endpoint_line = (
             'RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:?set MESHPLAN_RDZV_ENDPOINT=HOST:PORT of node 0, '
             'or re-emit with --rdzv-endpoint}"'
         )
-    cmd = _torchrun(plan, "$RDZV_ENDPOINT", f"meshplan-{pid}", str(node)) + _train_args(
-        plan, opts, "plan.json"
-    )
-    quoted = " ".join(a if a.startswith("--rdzv-endpoint") else shlex.quote(a) for a in cmd)
-    quoted = quoted.replace("--rdzv-endpoint=$RDZV_ENDPOINT", '--rdzv-endpoint="$RDZV_ENDPOINT"')
+    cmd = _torchrun(job, '"$RDZV_ENDPOINT"', f"meshplan-{job.pid}", str(node))
+    cmd += _train_args(job, _Sh('"$HERE/plan.json"'))
     return "\n".join(
         [
             "#!/usr/bin/env bash",
-            f"# meshplan: node {node} of {nodes} for plan {pid} "
-            f"(tp={plan.config.tp} pp={plan.config.pp} dp={plan.config.dp}). Run this on node {node}.",
+            f"# meshplan: node {node} of {job.nodes} for plan {job.pid} ({job.layout}). Run this on node {node}.",
+            "# Arguments are passed on to the executor; relative paths in them (--metrics, --data,",
+            "# --checkpoint-dir) are relative to the directory you run this script from.",
             "set -euo pipefail",
-            'cd "$(dirname "$0")"',
+            "# plan.json lies beside this script; the subshell leaves the working directory alone.",
+            'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
             f"export MESHPLAN_NODE_INDEX={node}",
-            _omp_line(plan),
+            _omp_line(job),
             endpoint_line,
-            f'exec {quoted} "$@"',
+            f'exec {_join(cmd)} "$@"',
             "",
         ]
     )
 
 
-def sbatch_script(plan: Plan, opts: EmitOptions) -> str:
-    nodes = len(plan.cluster.nodes)
-    per_node = plan.cluster.uniform_gpus_per_node
-    pid = plan_id(plan)
-    gpu_line = [f"#SBATCH --gpus-per-node={per_node}"] if _device(plan) == "cuda" else []
+def _plan_candidates(job: _Job) -> list[str]:
+    """Where job.sbatch looks for plan.json, as shell words, in order."""
+    submit = '"${SLURM_SUBMIT_DIR:-$PWD}"'
+    name = job.launch_dir.name if job.launch_dir else "launch"
+    words = ['${MESHPLAN_PLAN:+"$MESHPLAN_PLAN"}']
+    if job.launch_dir is not None:
+        words.append(shlex.quote(str(job.launch_dir / "plan.json")))
+    words += [f"{submit}/plan.json", f"{submit}/{shlex.quote(name)}/plan.json"]
+    return words
+
+
+def sbatch_script(job: _Job) -> str:
+    gpu_line = [f"#SBATCH --gpus-per-node={job.per_node}"] if job.device == "cuda" else []
     # Expanded by the inner bash on each node: srun exports SLURM_NODEID, we export PLAN/HEAD_NODE.
-    torchrun = _torchrun(
-        plan, '"$HEAD_NODE":' + str(DEFAULT_PORT), '"$SLURM_JOB_ID"', '"$SLURM_NODEID"'
+    endpoint = f'"$HEAD_NODE":{job.opts.rdzv_port}'
+    torchrun = _torchrun(job, endpoint, '"$SLURM_JOB_ID"', '"$SLURM_NODEID"')
+    inner = "export MESHPLAN_NODE_INDEX=$SLURM_NODEID; exec " + _join(
+        torchrun + _train_args(job, _Sh('"$PLAN"'))
     )
-    train = [a if a == "$PLAN" else shlex.quote(a) for a in _train_args(plan, opts, "$PLAN")]
-    inner = " ".join(torchrun + train).replace("--plan $PLAN", '--plan "$PLAN"')
+    emitted = " the launch directory at emit time," if job.launch_dir else ""
+    subdir = job.launch_dir.name if job.launch_dir else "launch"
+    srun_cmd = shlex.quote(inner + ' "$@"')
     return "\n".join(
         [
             "#!/usr/bin/env bash",
-            f"#SBATCH --job-name=meshplan-{pid}",
-            f"#SBATCH --nodes={nodes}",
+            f"#SBATCH --job-name=meshplan-{job.pid}",
+            f"#SBATCH --nodes={job.nodes}",
             "#SBATCH --ntasks-per-node=1",
             *gpu_line,
             "#SBATCH --exclusive",
-            f"# meshplan plan {pid}: tp={plan.config.tp} pp={plan.config.pp} dp={plan.config.dp}; submit with `sbatch job.sbatch`.",
+            f"# meshplan plan {job.pid}: {job.layout}; submit with `sbatch job.sbatch [EXECUTOR ARGS]`.",
+            "# Slurm starts the job in the directory sbatch ran in: relative paths in the arguments",
+            "# (--metrics, --data, --checkpoint-dir) mean that directory.",
             "set -euo pipefail",
-            'PLAN="$(cd "$(dirname "$0")" && pwd)/plan.json"',
-            'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
+            "# Slurm runs a spool copy of this file, so its own path says nothing about plan.json. The",
+            f"# first of $MESHPLAN_PLAN,{emitted} $SLURM_SUBMIT_DIR and $SLURM_SUBMIT_DIR/{subdir}",
+            "# holding a plan.json with the plan's sha256 is used, so a stale copy is never picked.",
+            f"PLAN_SHA256={job.sha256}",
+            "PLAN=",
+            "TRIED=()",
+            f"for candidate in {' '.join(_plan_candidates(job))}; do",
+            '  TRIED+=("$candidate")',
+            '  if [[ -f "$candidate" && "$(sha256sum < "$candidate" | cut -d " " -f 1)" == "$PLAN_SHA256" ]]; then',
+            '    PLAN="$(cd "$(dirname "$candidate")" && pwd)/$(basename "$candidate")"',
+            "    break",
+            "  fi",
+            "done",
+            'if [[ -z "$PLAN" ]]; then',
+            f'  echo "error: no plan.json of plan {job.pid} at ${{TRIED[*]}}; set MESHPLAN_PLAN=/path/to/plan.json" >&2',
+            "  exit 2",
+            "fi",
+            "# sed reads every host name; `head -n 1` could kill scontrol with SIGPIPE under pipefail.",
+            'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
             "export PLAN HEAD_NODE",
-            _omp_line(plan),
+            _omp_line(job),
             "# SLURM_NODEID follows the allocation's host order, so node i of the plan is the i-th host.",
-            f"srun --nodes={nodes} --ntasks-per-node=1 bash -c 'export MESHPLAN_NODE_INDEX=$SLURM_NODEID; exec {inner}'",
+            f'srun --nodes={job.nodes} --ntasks-per-node=1 bash -c {srun_cmd} meshplan "$@"',
             "",
         ]
     )
@@ -178,8 +315,9 @@ def sbatch_script(plan: Plan, opts: EmitOptions) -> str:
 def _block_dumper() -> type:
     import yaml
 
-    class Dumper(yaml.SafeDumper):
-        """Multi-line strings (the embedded plan.json) as readable literal blocks."""
+    # libyaml's emitter where installed: the pure-Python one reads the plan parts char by char.
+    class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+        """Multi-line strings (the pod's start-up script) as readable literal blocks."""
 
     def str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
         style = "|" if "\n" in data else None
@@ -190,142 +328,182 @@ def _block_dumper() -> type:
     return Dumper
 
 
-def pytorchjob_yaml(plan: Plan, opts: EmitOptions) -> str:
-    """Kubeflow PyTorchJob (kubeflow.org/v1) plus a ConfigMap carrying plan.json.
+# Commented-out YAML that a cluster with RDMA NICs enables by hand; `_with_hooks` puts each block
+# where its placeholder key was dumped, indented to match.
+_HOOKS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "pod": (
+            "RDMA / host networking (InfiniBand, RoCE): NCCL then uses the hosts' NICs directly.",
+            "hostNetwork: true",
+            "dnsPolicy: ClusterFirstWithHostNet",
+        ),
+        "container": (
+            "RDMA: request your RDMA device plugin's resource next to the GPUs (the name depends",
+            "on the plugin, e.g. rdma/rdma_shared_device_a: 1 under resources.limits) and let",
+            "NCCL pin memory:",
+            "securityContext:",
+            "  capabilities:",
+            "    add: [IPC_LOCK]",
+            "NCCL_IB_HCA / NCCL_SOCKET_IFNAME in env pick the fabric's devices if NCCL guesses wrong.",
+        ),
+    }
+)
+
+
+def _with_hooks(text: str) -> str:
+    def block(m: re.Match[str]) -> str:
+        return "\n".join(f"{m.group(1)}# {line}" for line in _HOOKS[m.group(2)])
+
+    return re.sub(rf"^( *){_HOOK_KEY}(\w+): null$", block, text, flags=re.MULTILINE)
+
+
+def _plan_parts(job: _Job) -> list[str]:
+    """plan.json gzipped (mtime 0: the same plan gives the same bytes), split, base64."""
+    packed = gzip.compress(job.plan_json.encode(), compresslevel=9, mtime=0)
+    return [
+        base64.b64encode(packed[i : i + PLAN_PART_BYTES]).decode()
+        for i in range(0, len(packed), PLAN_PART_BYTES)
+    ]
+
+
+def _pod_script(job: _Job) -> str:
+    """Join the parts, check them against the plan's sha256, then start torchrun with resume."""
+    plan = f"{UNPACK_DIR}/plan.json"
+    every, ckpt = str(job.opts.checkpoint_every), f"{CHECKPOINT_MOUNT}/meshplan-{job.pid}"
+    train = [*_train_args(job, plan), "--checkpoint-dir", ckpt, "--checkpoint-every", every]
+    return "\n".join(
+        [
+            "set -euo pipefail",
+            f"cat {PARTS_MOUNT}/plan.json.gz.* | gunzip > {plan}",
+            f"echo '{job.sha256}  {plan}' | sha256sum -c --quiet -",
+            "export MESHPLAN_NODE_INDEX=$PET_NODE_RANK",
+            "exec torchrun " + _join([*train, "--resume"]),
+            "",
+        ]
+    )
+
+
+def _replica(job: _Job, count: int, part_names: list[str]) -> dict:
+    threads = str(GPU_OMP_THREADS if job.device == "cuda" else 1)
+    parts = [{"configMap": {"name": n}} for n in part_names]
+    container: dict = {
+        "name": "pytorch",
+        "image": job.opts.container,
+        "command": ["bash", "-c", _pod_script(job)],
+        "env": [{"name": "OMP_NUM_THREADS", "value": threads}],
+        "volumeMounts": [
+            {"name": "plan-parts", "mountPath": PARTS_MOUNT, "readOnly": True},
+            {"name": "plan", "mountPath": UNPACK_DIR},
+            {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ],
+    }
+    if job.device == "cuda":
+        container["resources"] = {"limits": {"nvidia.com/gpu": job.per_node}}
+    container[_HOOK_KEY + "container"] = None
+    volumes = [
+        {"name": "plan-parts", "projected": {"sources": parts}},
+        {"name": "plan", "emptyDir": {}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": job.opts.checkpoint_pvc}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    pod = {"containers": [container], "volumes": volumes, _HOOK_KEY + "pod": None}
+    return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
+
+
+def pytorchjob_yaml(job: _Job) -> str:
+    """Kubeflow PyTorchJob (kubeflow.org/v1) plus the ConfigMaps carrying plan.json.
 
     The training operator sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and the master
     address for torchrun; Master is node 0 and Worker-i is node i+1, which is the plan's order.
     """
     import yaml
 
-    pid = plan_id(plan)
-    nodes = len(plan.cluster.nodes)
-    per_node = plan.cluster.uniform_gpus_per_node
-    device = _device(plan)
-    command = [
-        "bash",
-        "-c",
-        "export MESHPLAN_NODE_INDEX=$PET_NODE_RANK; exec torchrun "
-        + " ".join(shlex.quote(a) for a in _train_args(plan, opts, "/etc/meshplan/plan.json")),
+    parts = _plan_parts(job)
+    width = max(3, len(str(len(parts) - 1)))
+    names = [f"meshplan-plan-{job.pid}-{i:0{width}d}" for i in range(len(parts))]
+    config_maps = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "labels": {"meshplan/plan": job.pid}},
+            "binaryData": {f"plan.json.gz.{i:0{width}d}": part},
+        }
+        for i, (name, part) in enumerate(zip(names, parts, strict=True))
     ]
-    resources = {"limits": {"nvidia.com/gpu": per_node}} if device == "cuda" else {}
-
-    def replica(count: int) -> dict:
-        container = {
-            "name": "pytorch",
-            "image": opts.container,
-            "command": command,
-            "env": [
-                {
-                    "name": "OMP_NUM_THREADS",
-                    "value": str(GPU_OMP_THREADS if device == "cuda" else 1),
-                }
-            ],
-            "volumeMounts": [
-                {"name": "plan", "mountPath": "/etc/meshplan"},
-                {"name": "dshm", "mountPath": "/dev/shm"},
-            ],
-        }
-        if resources:
-            container["resources"] = resources
-        return {
-            "replicas": count,
-            "restartPolicy": "OnFailure",
-            "template": {
-                "spec": {
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "plan", "configMap": {"name": f"meshplan-plan-{pid}"}},
-                        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-                    ],
-                }
-            },
-        }
-
-    specs = {"Master": replica(1)}
-    if nodes > 1:
-        specs["Worker"] = replica(nodes - 1)
-    job = {
+    specs = {"Master": _replica(job, 1, names)}
+    if job.nodes > 1:
+        specs["Worker"] = _replica(job, job.nodes - 1, names)
+    pytorch_job = {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": {"name": f"meshplan-{pid}"},
-        "spec": {"nprocPerNode": str(per_node), "pytorchReplicaSpecs": specs},
+        "metadata": {"name": f"meshplan-{job.pid}"},
+        "spec": {"nprocPerNode": str(job.per_node), "pytorchReplicaSpecs": specs},
     }
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": f"meshplan-plan-{pid}"},
-        "data": {"plan.json": plan_to_json(plan)},
-    }
-    return yaml.dump_all([config_map, job], Dumper=_block_dumper(), sort_keys=False)
+    o = job.opts
+    header = f"""\
+# meshplan plan {job.pid} ({job.layout}): a Kubeflow PyTorchJob of {job.nodes} pod(s) x {job.per_node} processes.
+# Apply with `kubectl apply --server-side -f pytorchjob.yaml`: server-side apply keeps no
+#   last-applied annotation (limited to 256 KiB); every object here also stays under that limit,
+#   so plain `kubectl apply` works too. Delete with `kubectl delete -f pytorchjob.yaml`.
+# plan.json ({len(job.plan_json)} bytes) travels gzipped in {len(parts)} ConfigMap(s) of <= {PLAN_PART_BYTES // 1024} KiB (the limit
+#   is 1 MiB), labelled meshplan/plan={job.pid}; each pod joins them and checks the sha256.
+# Checkpoints: every pod mounts the PersistentVolumeClaim {o.checkpoint_pvc} (create it first,
+#   ReadWriteMany) at {CHECKPOINT_MOUNT}; the executor saves every {o.checkpoint_every} steps there and a
+#   restarted pod resumes from the newest complete checkpoint (--resume).
+"""
+    text = yaml.dump_all(
+        [*config_maps, pytorch_job], Dumper=_block_dumper(), sort_keys=False, width=1 << 30
+    )
+    return header + _with_hooks(text)
 
 
-def readme(plan: Plan, opts: EmitOptions) -> str:
-    nodes = len(plan.cluster.nodes)
-    c = plan.config
-    lines = [
-        f"# Launch files for meshplan plan {plan_id(plan)}",
-        "",
-        f"{plan.model.name} on {plan.cluster.num_gpus} {plan.cluster.nodes[0].gpu.name} devices "
-        f"({nodes} node(s)): tp={c.tp} pp={c.pp} dp={c.dp}, micro-batch {c.micro_batch}, "
-        f"{c.schedule.value}, recompute {c.recompute.value}, ZeRO {c.zero}.",
-        "",
-        "Pick one way to start it:",
-        "",
-        "- **By hand / any scheduler**: copy this directory to every node and run `./node<i>.sh` on",
-        "  node i (node0.sh on the first). "
-        + (
-            "The nodes meet at the rendezvous endpoint in the scripts; override it with "
-            "`MESHPLAN_RDZV_ENDPOINT=host:port`."
-            if nodes > 1
-            else "It runs on this host."
-        ),
-        "- **Slurm**: `sbatch job.sbatch` from a shared directory (the head node is found with `scontrol`).",
-        "- **Kubernetes (Kubeflow training operator)**: `kubectl apply -f pytorchjob.yaml` (set the image first;",
-        f"  it is `{opts.container}` now). plan.json travels in the ConfigMap inside that file.",
-        "",
-        "Every launcher sets MESHPLAN_NODE_INDEX so the executor places each process on the GPU the",
-        "plan's rank map gives it, whatever order the rendezvous numbers the nodes in.",
-        "",
-    ]
-    return "\n".join(lines)
+def readme(job: _Job) -> str:
+    c, plan, o = job.plan.config, job.plan, job.opts
+    meet = (
+        "The nodes meet at the rendezvous endpoint in the scripts; override it with "
+        "`MESHPLAN_RDZV_ENDPOINT=host:port`."
+        if job.nodes > 1
+        else "It runs on this host."
+    )
+    return f"""# Launch files for meshplan plan {job.pid}
+
+{plan.model.name} on {plan.cluster.num_gpus} {plan.cluster.nodes[0].gpu.name} devices ({job.nodes} node(s)): \
+tp={c.tp} pp={c.pp} dp={c.dp}, micro-batch {c.micro_batch}, {c.schedule.value}, recompute {c.recompute.value}, ZeRO {c.zero}.
+
+Pick one way to start it:
+
+- **By hand / any scheduler**: copy this directory to every node and run `./node<i>.sh` on
+  node i (node0.sh on the first). {meet}
+- **Slurm**: `sbatch job.sbatch` from a shared directory (the head node is found with `scontrol`).
+  It finds plan.json by its sha256 in this directory or `$SLURM_SUBMIT_DIR`, or at `$MESHPLAN_PLAN`.
+- **Kubernetes (Kubeflow training operator)**: `kubectl apply --server-side -f pytorchjob.yaml`
+  (set the image first; it is `{o.container}` now). plan.json travels gzipped in ConfigMaps in
+  that file. Create the ReadWriteMany PersistentVolumeClaim `{o.checkpoint_pvc}` first: pods save a
+  checkpoint every {o.checkpoint_every} steps and a restarted pod resumes from the newest one.
+
+Arguments to node<i>.sh and job.sbatch go to the executor (e.g. `--metrics m.jsonl`); relative
+paths in them mean the directory you start the script from, not this one.
+
+Every launcher sets MESHPLAN_NODE_INDEX so the executor places each process on the GPU the
+plan's rank map gives it, whatever order the rendezvous numbers the nodes in.
+
+Re-running `meshplan emit` here replaces only the files listed in {MARKER}; other files
+(metrics, checkpoints) are left alone.
+"""
 
 
-def render(plan: Plan, opts: EmitOptions) -> dict[str, str]:
-    """File name -> text of every launch file (a pure function, for golden-file tests)."""
-    check_plan(plan)
-    files = {f"node{i}.sh": node_script(plan, i, opts) for i in range(len(plan.cluster.nodes))}
-    files["job.sbatch"] = sbatch_script(plan, opts)
-    files["pytorchjob.yaml"] = pytorchjob_yaml(plan, opts)
-    files["plan.json"] = plan_to_json(plan)
-    files["README.md"] = readme(plan, opts)
-    files[MARKER] = f"plan {plan_id(plan)}\n"
-    return files
+def render(plan: Plan, opts: EmitOptions, launch_dir: str | Path | None = None) -> dict[str, str]:
+    """File name -> text of every launch file (a pure function, for golden-file tests).
 
-
-def write_launch_dir(plan: Plan, out: str | Path, opts: EmitOptions) -> list[Path]:
-    """Render, then write into a temporary sibling directory and rename it into place.
-
-    An existing `out` is replaced only if it is empty or was written by meshplan (has the marker).
+    `launch_dir`, when given, is where the files will live; job.sbatch looks for plan.json
+    there first. The plan is serialised once.
     """
-    files = render(plan, opts)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists())):
-        raise SpecError(
-            f"{out} exists and was not written by `meshplan emit`; choose another --out or remove it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        for name, text in files.items():
-            path = tmp / name
-            path.write_text(text)
-            if name.endswith((".sh", ".sbatch")):
-                path.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return [out / name for name in files]
+    check_plan(plan)
+    job = _job(plan, opts, Path(launch_dir) if launch_dir is not None else None)
+    files = {f"node{i}.sh": node_script(job, i) for i in range(job.nodes)}
+    files["job.sbatch"] = sbatch_script(job)
+    files["pytorchjob.yaml"] = pytorchjob_yaml(job)
+    files["plan.json"] = job.plan_json
+    files["README.md"] = readme(job)
+    return files

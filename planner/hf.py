@@ -1,7 +1,8 @@
 """Build a ModelSpec from a Hugging Face `config.json` or from meshplan's own model fields.
 
-Owns: the mapping of Llama/Mistral/Qwen and GPT-2 config names onto ModelSpec, and the
-`family` shorthand used by model presets and model YAML files.
+Owns: the mapping of Llama/Mistral/Qwen and GPT-2 config names onto ModelSpec (with errors
+that name the config.json key), and the `family` shorthand used by model presets and model
+YAML files (whose unknown keys are refused).
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from planner.errors import SpecError, did_you_mean
-from planner.specs import MlpKind, ModelSpec, NormKind, PositionKind
+from planner.specs import (
+    MlpKind,
+    ModelSpec,
+    NormKind,
+    PositionKind,
+    check_model_limit,
+    int_hint,
+)
 
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # GPT-2/3: learned positions, LayerNorm, 2-matrix GELU MLP, biases, tied embeddings
@@ -34,13 +42,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 _SPEC_FIELDS = set(ModelSpec.__dataclass_fields__)
 
 
+def _build(origin: str, fields: dict[str, Any]) -> ModelSpec:
+    """ModelSpec(**fields), its errors prefixed with the file they came from."""
+    try:
+        return ModelSpec(**fields)
+    except SpecError as e:
+        raise SpecError(f"{origin}: {e}") from None
+
+
 def model_from_fields(name: str, fields: dict[str, Any], origin: str) -> ModelSpec:
     """ModelSpec from meshplan's own field names, with an optional `family: gpt|llama`."""
     data = dict(fields)
     family = data.pop("family", None)
-    if family is not None and family not in FAMILY_DEFAULTS:
+    if family is not None and (not isinstance(family, str) or family not in FAMILY_DEFAULTS):
         raise SpecError(f"{origin}: family={family!r} is not allowed; use one of gpt|llama")
-    unknown = sorted(set(data) - _SPEC_FIELDS)
+    unknown = sorted((str(k) for k in set(data) - _SPEC_FIELDS), key=str)
     if unknown:
         raise SpecError(
             f"{origin}: unknown model field '{unknown[0]}'{did_you_mean(unknown[0], _SPEC_FIELDS)}; "
@@ -54,6 +70,8 @@ def model_from_fields(name: str, fields: dict[str, Any], origin: str) -> ModelSp
         and "ffn_hidden" not in merged
         and merged.get("mlp") in (MlpKind.GELU, "gelu")
     ):
+        if isinstance(merged["hidden"], bool) or not isinstance(merged["hidden"], int):
+            raise SpecError(f"{origin}: hidden={merged['hidden']!r} must be a positive integer")
         merged["ffn_hidden"] = 4 * merged["hidden"]
     missing = [
         f
@@ -62,16 +80,37 @@ def model_from_fields(name: str, fields: dict[str, Any], origin: str) -> ModelSp
     ]
     if missing:
         raise SpecError(f"{origin}: missing required model field '{missing[0]}'")
-    return ModelSpec(**merged)
+    return _build(origin, merged)
 
 
 def _get(cfg: dict[str, Any], origin: str, *names: str, default: Any = ...) -> Any:
+    return _get_named(cfg, origin, *names, default=default)[1]
+
+
+def _get_named(
+    cfg: dict[str, Any], origin: str, *names: str, default: Any = ...
+) -> tuple[str, Any]:
+    """(the config.json key found, its value): the first of `names` present and not null."""
     for n in names:
         if n in cfg and cfg[n] is not None:
-            return cfg[n]
+            return n, cfg[n]
     if default is ...:
         raise SpecError(f"{origin}: missing required field '{names[0]}' in config.json")
-    return default
+    return names[0], default
+
+
+def _size(origin: str, key: str, value: Any, field_name: str) -> int:
+    """A config.json size: an integer (not a bool, not 4096.0) within ModelSpec's bound."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"{origin}: {key}={value!r} must be a positive integer{int_hint(value)}")
+    check_model_limit(f"{origin}: {key}", field_name, value)
+    return value
+
+
+def _flag(origin: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"{origin}: {key}={value!r} must be true or false")
+    return value
 
 
 def model_from_hf_config(cfg: dict[str, Any], name: str, origin: str) -> ModelSpec:
@@ -79,15 +118,21 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, origin: str) -> ModelSp
 
     `hidden_act` gelu* means a 2-matrix MLP, silu/swiglu a gated 3-matrix MLP. A nested
     `text_config` (multimodal wrappers) is used when present. GPT-2's `n_inner: null` means
-    4 * hidden.
+    4 * hidden. Sizes must be JSON integers within ModelSpec's bounds (`MODEL_LIMITS`);
+    errors name the config.json key.
     """
     if not isinstance(cfg, dict):
         raise SpecError(f"{origin}: expected a JSON object")
     if isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg, **cfg["text_config"]}
     gpt2 = "n_embd" in cfg or cfg.get("model_type") == "gpt2"
-    hidden = _get(cfg, origin, "hidden_size", "n_embd")
-    heads = _get(cfg, origin, "num_attention_heads", "n_head")
+
+    def size(field_name: str, *names: str, default: Any = ...) -> int:
+        key, value = _get_named(cfg, origin, *names, default=default)
+        return _size(origin, key, value, field_name)
+
+    hidden = size("hidden", "hidden_size", "n_embd")
+    heads = size("heads", "num_attention_heads", "n_head")
     act = str(
         _get(
             cfg, origin, "hidden_act", "activation_function", default="gelu_new" if gpt2 else "silu"
@@ -99,33 +144,31 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, origin: str) -> ModelSp
         mlp = MlpKind.SWIGLU
     else:
         raise SpecError(f"{origin}: hidden_act={act!r} is not supported; use gelu*, silu or swiglu")
-    ffn = _get(cfg, origin, "intermediate_size", "n_inner", default=None)
-    if ffn is None:
-        if mlp is not MlpKind.GELU:
-            raise SpecError(f"{origin}: missing required field 'intermediate_size' in config.json")
+    if _get(cfg, origin, "intermediate_size", "n_inner", default=None) is not None:
+        ffn = size("ffn_hidden", "intermediate_size", "n_inner")
+    elif mlp is not MlpKind.GELU:
+        raise SpecError(f"{origin}: missing required field 'intermediate_size' in config.json")
+    else:
         ffn = 4 * hidden
     family = "gpt" if gpt2 else "llama"
+    tie_key, tie = _get_named(cfg, origin, "tie_word_embeddings", default=gpt2)
     fields: dict[str, Any] = {
         **FAMILY_DEFAULTS[family],
         "name": name,
-        "layers": _get(cfg, origin, "num_hidden_layers", "n_layer"),
+        "layers": size("layers", "num_hidden_layers", "n_layer"),
         "hidden": hidden,
         "heads": heads,
-        "kv_heads": _get(cfg, origin, "num_key_value_heads", default=heads),
+        "kv_heads": size("kv_heads", "num_key_value_heads", default=heads),
         "ffn_hidden": ffn,
-        "vocab": _get(cfg, origin, "vocab_size"),
-        "max_seq_len": _get(cfg, origin, "max_position_embeddings", "n_positions", "n_ctx"),
+        "vocab": size("vocab", "vocab_size"),
+        "max_seq_len": size("max_seq_len", "max_position_embeddings", "n_positions", "n_ctx"),
         "mlp": mlp,
-        "tied_embeddings": bool(_get(cfg, origin, "tie_word_embeddings", default=gpt2)),
+        "tied_embeddings": _flag(origin, tie_key, tie),
     }
     if cfg.get("head_dim"):
-        fields["head_dim"] = cfg["head_dim"]
+        fields["head_dim"] = size("head_dim", "head_dim")
     if not gpt2:
-        fields["qkv_bias"] = bool(cfg.get("attention_bias", False)) or cfg.get("model_type") in (
-            "qwen2",
-            "qwen2_moe",
-        )
-    for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab", "max_seq_len"):
-        if isinstance(fields[key], bool) or not isinstance(fields[key], int):
-            raise SpecError(f"{origin}: {key}={fields[key]!r} must be an integer")
-    return ModelSpec(**fields)
+        given = cfg.get("attention_bias")
+        bias = given is not None and _flag(origin, "attention_bias", given)
+        fields["qkv_bias"] = bias or cfg.get("model_type") in ("qwen2", "qwen2_moe")
+    return _build(origin, fields)

@@ -41,10 +41,14 @@ only `LpSolutionOptimal` is reported as optimal; an incumbent found before the t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
+import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -70,6 +74,27 @@ OBJECTIVE_SCALE = 1e3
 MEMORY_REL_MARGIN = 1e-12
 # Block-count deviations that differ by less than this are equal (they are sums of a few floats).
 TIE_TOL = 1e-9
+
+
+@contextlib.contextmanager
+def native_stdout_silenced() -> Iterator[None]:
+    """Send what native code writes to fd 1 to /dev/null while a solver runs.
+
+    HiGHS >= 1.16 prints its banner from C++ when the first `Highs()` is built, before any
+    option (output_flag) can be set, which turned `meshplan plan --json` into non-JSON. The
+    solvers are configured quiet (msg=False) as well; this catches what options cannot.
+    Python-level stdout is flushed first so none of it is lost behind the redirect.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 class SolveStatus(str, Enum):
@@ -292,7 +317,8 @@ def solve_split(
         ]
         z.setInitialValue(max(times) * OBJECTIVE_SCALE)
 
-    prob.solve(_make_solver(name, time_limit_s, start is not None))
+    with native_stdout_silenced():
+        prob.solve(_make_solver(name, time_limit_s, start is not None))
     return _read_solution(problem, prob, n, name)
 
 

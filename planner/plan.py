@@ -10,13 +10,13 @@ object so this format does not depend on the cost model's internals.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from planner import __version__
-from planner.errors import FormatError, SpecError
+from planner.errors import FormatError
+from planner.fileio import atomic_write_text, read_json_file
 from planner.parallel import ParallelConfig
 from planner.serialize import dumps, from_jsonable
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
@@ -144,12 +144,9 @@ def plan_to_json(plan: Plan) -> str:
     return dumps(plan)
 
 
-def save_plan(plan: Plan, path: str | Path) -> None:
-    """Write atomically, so a failed run never leaves a half-written plan."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(plan_to_json(plan))
-    tmp.replace(p)
+def save_plan(plan: Plan, path: str | Path, option: str = "--out") -> None:
+    """Write atomically, so a failed run never leaves a half-written plan (or its temp file)."""
+    atomic_write_text(path, plan_to_json(plan), option)
 
 
 def plan_from_dict(data: object, origin: str = "plan") -> Plan:
@@ -166,11 +163,4 @@ def plan_from_dict(data: object, origin: str = "plan") -> Plan:
 
 
 def load_plan(path: str | Path) -> Plan:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"plan file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return plan_from_dict(data, str(p))
+    return plan_from_dict(read_json_file(path, "plan"), str(path))

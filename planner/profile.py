@@ -1,8 +1,10 @@
 """The profile format (profile.json, `schema_version` 1): what the profiler measured.
 
-Owns: the typed records, load/save with schema checks, the content hash, and the alpha-beta
-fit of link samples. Does not own: measuring (profiler/), merging node profiles
-(profiler/merge.py), or how the cost model uses the numbers (planner/cost/).
+Owns: the typed records (each refuses negative, NaN or infinite numbers), load/save with
+schema checks, the content hash and the alpha-beta fit of link samples. Does not own:
+measuring (profiler/), merging node profiles (profiler/merge.py), whether a profile describes
+the hardware being planned (planner/profile_match.py), or how the cost model uses the
+numbers (planner/cost/).
 
 Definitions (the profiler writes to these, the cost model reads by them):
 - ComputeRecord times are per call of one block on one device, for one micro-batch, with the
@@ -20,15 +22,20 @@ Definitions (the profiler writes to these, the cost model reads by them):
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from planner.errors import FormatError, SpecError
+from planner.errors import FormatError
+from planner.fileio import atomic_write_text, read_json_file
 from planner.parallel import Recompute
 from planner.serialize import dumps, from_jsonable
-from planner.specs import Dtype, ModelSpec
+from planner.specs import (
+    DeviceKind,
+    Dtype,
+    ModelSpec,
+    is_number,
+)
 
 SCHEMA_VERSION = 1
 
@@ -51,6 +58,20 @@ class CollectiveOp(str, Enum):
         return 2 * (n - 1) / n if self is CollectiveOp.ALL_REDUCE else (n - 1) / n
 
 
+def _check_numbers(owner: str, positive: bool, **values: float) -> None:
+    """FormatError unless every value is finite and > 0 (`positive`) or >= 0 (times, spreads)."""
+    for name, value in values.items():
+        if not is_number(value) or value < 0 or (positive and value == 0):
+            allowed = "> 0" if positive else ">= 0"
+            raise FormatError(f"{owner}.{name}={value!r} must be a finite number {allowed}")
+
+
+def _check_counts(owner: str, minimum: int, **values: object) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise FormatError(f"{owner}.{name}={value!r} must be an integer >= {minimum}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ComputeRecord:
     block: BlockKind
@@ -68,11 +89,33 @@ class ComputeRecord:
     repeats: int
     peak_memory_bytes: int | None = None
 
+    def __post_init__(self) -> None:
+        owner = "compute record"
+        _check_counts(owner, 1, tp=self.tp, micro_batch=self.micro_batch, seq_len=self.seq_len)
+        _check_counts(owner, 1, repeats=self.repeats)
+        _check_numbers(
+            owner,
+            False,
+            forward_s=self.forward_s,
+            forward_spread_s=self.forward_spread_s,
+            backward_s=self.backward_s,
+            backward_spread_s=self.backward_spread_s,
+        )
+        _check_counts(
+            owner, 0, activation_bytes=self.activation_bytes, parameter_bytes=self.parameter_bytes
+        )
+        if self.peak_memory_bytes is not None:
+            _check_counts(owner, 0, peak_memory_bytes=self.peak_memory_bytes)
+
 
 @dataclass(frozen=True, kw_only=True)
 class LinkSample:
     bytes: int
     seconds: float
+
+    def __post_init__(self) -> None:
+        _check_counts("link sample", 1, bytes=self.bytes)
+        _check_numbers("link sample", False, seconds=self.seconds)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,6 +125,14 @@ class P2PRecord:
     bandwidth_bytes_per_s: float
     latency_s: float
     samples: tuple[LinkSample, ...] = ()
+
+    def __post_init__(self) -> None:
+        owner = f"p2p record {self.src}->{self.dst}"
+        _check_counts(owner, 0, src=self.src, dst=self.dst)
+        if self.src == self.dst:
+            raise FormatError(f"{owner}: src and dst must differ")
+        _check_numbers(owner, True, bandwidth_bytes_per_s=self.bandwidth_bytes_per_s)
+        _check_numbers(owner, False, latency_s=self.latency_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +144,14 @@ class CollectiveRecord:
     alpha_s: float
     beta_bytes_per_s: float
     busbw_bytes_per_s: float
+
+    def __post_init__(self) -> None:
+        owner = f"collective record {getattr(self.op, 'value', self.op)} {list(self.gpu_ids)}"
+        if not self.gpu_ids or len(set(self.gpu_ids)) != len(self.gpu_ids):
+            raise FormatError(f"{owner}: gpu_ids must list distinct GPUs")
+        _check_counts(owner, 0, **{f"gpu_ids[{i}]": g for i, g in enumerate(self.gpu_ids)})
+        _check_numbers(owner, True, beta_bytes_per_s=self.beta_bytes_per_s)
+        _check_numbers(owner, False, alpha_s=self.alpha_s, busbw_bytes_per_s=self.busbw_bytes_per_s)
 
     @property
     def group_size(self) -> int:
@@ -110,6 +169,11 @@ class ProfileGpu:
     device_name: str
     memory_bytes: int
 
+    def __post_init__(self) -> None:
+        owner = f"profile gpu {self.gpu_id}"
+        _check_counts(owner, 0, gpu_id=self.gpu_id, local_index=self.local_index)
+        _check_counts(owner, 1, memory_bytes=self.memory_bytes)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ProfileMeta:
@@ -122,6 +186,14 @@ class ProfileMeta:
     model: ModelSpec | None = None
     driver_version: str | None = None
     topology: str | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [k.value for k in DeviceKind]
+        if self.device_kind not in kinds:
+            raise FormatError(
+                f"profile meta.device_kind={self.device_kind!r} is not allowed; use one of "
+                + "|".join(kinds)
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,8 +242,9 @@ def fit_alpha_beta(samples: tuple[LinkSample, ...] | list[LinkSample]) -> tuple[
     return alpha, 1.0 / slope
 
 
-def save_profile(profile: Profile, path: str | Path) -> None:
-    Path(path).write_text(dumps(profile))
+def save_profile(profile: Profile, path: str | Path, option: str = "--out") -> None:
+    """Write atomically: a failed write never leaves a half-written profile."""
+    atomic_write_text(path, dumps(profile), option)
 
 
 def profile_from_dict(data: object, origin: str = "profile") -> Profile:
@@ -186,16 +259,12 @@ def profile_from_dict(data: object, origin: str = "profile") -> Profile:
 
 
 def load_profile(path: str | Path) -> Profile:
-    p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"profile file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return profile_from_dict(data, str(p))
+    return profile_from_dict(read_json_file(path, "profile"), str(path))
 
 
 def profile_sha256(profile: Profile) -> str:
     """Hash of the canonical JSON, recorded in plans as provenance."""
     return hashlib.sha256(dumps(profile).encode()).hexdigest()
+
+
+# --- does a profile describe the hardware being planned?

@@ -51,7 +51,7 @@ from typing import Any
 
 from planner.cost.estimate import estimate, split_problem
 from planner.cost.split_problem import SplitProblem
-from planner.errors import NoFeasiblePlan
+from planner.errors import ConfigError, NoFeasiblePlan
 from planner.ilp import (
     SolveStatus,
     interchangeable_pairs,
@@ -165,7 +165,10 @@ def search(
     start = time.perf_counter()
     configs, reasons = enumerate_configs(model, training, cluster, options)
     if not configs:
-        raise NoFeasiblePlan(_no_valid_config_message(model, training, cluster, options, reasons))
+        message = _no_valid_config_message(model, training, cluster, options, reasons)
+        # With pins, the user's --fix breaks a structural rule (bad input, exit 2); without,
+        # nothing in the search space is valid for this model and cluster (infeasible, 3).
+        raise ConfigError(message) if options.fix else NoFeasiblePlan(message)
     tally = _Tally()
     bounds = _CheapBounds(model, training, cluster, profile, split_problem)
     # Heap of (lower bound, tie key, level, index): level 0 = bound from shared block times,

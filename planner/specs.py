@@ -10,10 +10,62 @@ construction and raises `SpecError` naming the field, the value and what is allo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import bisect
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from enum import Enum
+from functools import cached_property
+from types import MappingProxyType
 
 from planner.errors import SpecError
+
+# Input bounds, far above any real model or cluster, so that a typo (`num_hidden_layers:
+# 1000000`) is refused at once instead of making the search run for minutes. Largest published
+# dense decoders: PaLM-540B 118 layers, FFN 73,728 (Chowdhery et al. 2022, Table 1); MT-NLG-530B
+# hidden 20,480, 128 heads, FFN 81,920 (Smith et al. 2022, Table 1); Llama-3.1-405B 126 layers
+# (Dubey et al. 2024, Table 3). Field -> (limit, what the largest real model has).
+MODEL_LIMITS: Mapping[str, tuple[int, str]] = MappingProxyType(
+    {
+        # 2,000, not more: the search's memory floor is O(layers * pp) per candidate, and a
+        # 2,000-layer model on 128 GPUs already takes ~30 s to plan (10,000: ~3 minutes).
+        # The deepest published research model, DeepNet, has 1,000 layers (Wang et al. 2022).
+        "layers": (2_000, "PaLM-540B has 118 layers"),
+        "hidden": (1_000_000, "MT-NLG-530B has hidden 20,480"),
+        "heads": (10_000, "Llama-3.1-405B has 128 heads"),
+        "kv_heads": (10_000, "MT-NLG-530B has 128 KV heads"),
+        # Gemma Team 2024, Table 1.
+        "head_dim": (10_000, "Gemma 7B has head_dim 256"),
+        "ffn_hidden": (10_000_000, "MT-NLG-530B has ffn_hidden 81,920"),
+        # Gemma Team 2025 (Gemma 3); PaLM has 256k.
+        "vocab": (10_000_000, "Gemma 3 has a vocabulary of 262,144"),
+        # meta-llama/Llama-4-Scout-17B-16E config.json, max_position_embeddings.
+        "max_seq_len": (1_000_000_000, "Llama 4 Scout has 10,485,760 positions"),
+    }
+)
+# Sequences per optimizer step. DeepSeek-V3 ramps to 15,360 (DeepSeek-AI 2024, Sec. 4.2),
+# Llama 3 405B uses 2,048 of 8,192 tokens (Dubey et al. 2024, Sec. 3.4.1); the search
+# enumerates the divisors of global_batch / dp, one Python loop over that range per (tp, pp).
+MAX_GLOBAL_BATCH = 1_000_000
+# GPUs in one cluster: the largest training runs published used 16,384 H100s (Llama 3,
+# Dubey et al. 2024, Sec. 3.3.1) of Meta's 24,576-GPU clusters (Meta engineering blog, 2024).
+MAX_CLUSTER_GPUS = 1_000_000
+# GPUs in one node (one intra-node link class): an NVL72 rack is 72 GPUs in one NVLink
+# domain (NVIDIA GB200 NVL72 datasheet, 2024), NVL576 the largest announced (NVIDIA GTC 2025).
+# With a measured p2p profile, placement builds each node's complete link graph, O(gpus^2):
+# ~10 s for a 1,024-GPU node.
+MAX_GPUS_PER_NODE = 1_024
+# Fraction of memory_bytes a plan leaves free when a GPU does not give usable_memory_bytes.
+# A device exposes less than nominal (H100 80GB: 81,559 of 81,920 MiB, per NVML/nvidia-smi,
+# Modal "GPU memory capacity" table, 2024), the CUDA caching allocator rounds and splits
+# blocks out of 2 MiB / 20 MiB segments so reserved exceeds allocated (PyTorch "CUDA
+# semantics: memory management"), and the memory model's own terms (framework reserve,
+# activation fragmentation, in planner/cost/memory.py) are estimates. 5 % of 80 GiB = 4 GiB
+# covers the 0.35 GiB exposure gap and a few GiB of allocator slack. The same default holds for
+# CPU workers: glibc malloc keeps freed chunks in per-thread arenas (mallopt(3), M_ARENA_MAX),
+# so resident memory also exceeds live tensors, and the host's other processes share it.
+DEFAULT_MEMORY_HEADROOM = 0.05
 
 
 class MlpKind(str, Enum):
@@ -64,16 +116,71 @@ def _enum(cls: type[Enum], field_name: str, value: object) -> Enum:
         raise SpecError(f"{field_name}={value!r} is not allowed; use one of {allowed}") from None
 
 
+def is_number(value: object) -> bool:
+    """A real, finite number; bools are not numbers here (YAML reads `yes` as True)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # ints beyond the float range (a 400-digit YAML number) are not usable numbers either
+    return abs(value) < 2**1023 if isinstance(value, int) else math.isfinite(value)
+
+
 def _positive(owner: str, **values: float) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise SpecError(f"{owner}.{name}={value!r} must be a positive number")
+        if not is_number(value) or value <= 0:
+            raise SpecError(f"{owner}.{name}={value!r} must be a finite number > 0")
+
+
+def int_hint(value: object) -> str:
+    """A hint for an integral float given where an integer is needed (refused everywhere)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return f"; write {int(value)}, not {value!r}"
+    return ""
 
 
 def _positive_int(owner: str, **values: object) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise SpecError(f"{owner}.{name}={value!r} must be a positive integer")
+            raise SpecError(f"{owner}.{name}={value!r} must be a positive integer{int_hint(value)}")
+
+
+def _bools(owner: str, **values: object) -> None:
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise SpecError(f"{owner}.{name}={value!r} must be true or false")
+
+
+def _at_most(shown_as: str, value: int, limit: int, why: str) -> None:
+    if value > limit:
+        raise SpecError(f"{shown_as}={value:,} exceeds the limit of {limit:,} ({why})")
+
+
+def check_model_limit(shown_as: str, field_name: str, value: int) -> None:
+    """SpecError when ModelSpec field `field_name` is above its MODEL_LIMITS bound; `shown_as`
+    names the value in the message (a ModelSpec field or a config.json key)."""
+    limit, largest = MODEL_LIMITS[field_name]
+    why = f"among the largest published models, {largest}; more is almost surely a typo"
+    _at_most(shown_as, value, limit, why)
+
+
+def check_cluster_size(shown_as: str, gpus: int) -> None:
+    """SpecError above MAX_CLUSTER_GPUS (loaders call it before building the node list)."""
+    why = "the largest published training clusters have ~25,000 GPUs; planning time grows with it"
+    _at_most(f"{shown_as}: GPU count", gpus, MAX_CLUSTER_GPUS, why)
+
+
+def bytes_after_headroom(memory_bytes: int, fraction: float) -> int:
+    """`memory_bytes` less `fraction` of it in whole bytes (>= 1 for fraction < 1)."""
+    return memory_bytes - math.floor(memory_bytes * fraction)
+
+
+def check_headroom(fraction: object) -> float:
+    """A memory headroom fraction in [0, 1) as a float; SpecError otherwise."""
+    if not is_number(fraction) or not 0 <= fraction < 1:  # type: ignore[operator]
+        raise SpecError(
+            f"memory_headroom={fraction!r} must be a fraction in [0, 1) of each GPU's "
+            "memory_bytes (0.05 keeps 5 % free)"
+        )
+    return float(fraction)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,23 +225,20 @@ class ModelSpec:
     qkv_bias: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"model name={self.name!r} must be a non-empty string")
         owner = f"model '{self.name}'"
-        _positive_int(
-            owner,
-            layers=self.layers,
-            hidden=self.hidden,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            ffn_hidden=self.ffn_hidden,
-            vocab=self.vocab,
-            max_seq_len=self.max_seq_len,
-        )
+        sizes = {n: getattr(self, n) for n in MODEL_LIMITS if n != "head_dim"}
+        _positive_int(owner, **sizes)
+        for name, value in sizes.items():
+            check_model_limit(f"{owner}.{name}", name, value)
+        _bools(owner, tied_embeddings=self.tied_embeddings, bias=self.bias, qkv_bias=self.qkv_bias)
         object.__setattr__(self, "mlp", _enum(MlpKind, f"{owner}.mlp", self.mlp))
         object.__setattr__(self, "norm", _enum(NormKind, f"{owner}.norm", self.norm))
         object.__setattr__(
             self, "position", _enum(PositionKind, f"{owner}.position", self.position)
         )
-        if self.head_dim == 0:
+        if self.head_dim == 0 and type(self.head_dim) is int:
             if self.hidden % self.heads:
                 raise SpecError(
                     f"{owner}: heads={self.heads} must divide hidden={self.hidden} "
@@ -143,6 +247,7 @@ class ModelSpec:
                 )
             object.__setattr__(self, "head_dim", self.hidden // self.heads)
         _positive_int(owner, head_dim=self.head_dim)
+        check_model_limit(f"{owner}.head_dim", "head_dim", self.head_dim)
         if self.heads % self.kv_heads:
             raise SpecError(
                 f"{owner}: kv_heads={self.kv_heads} must divide heads={self.heads} (grouped-query attention)"
@@ -210,7 +315,11 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class GpuSpec:
-    """One accelerator (or one CPU worker process, kind=cpu). Peaks are dense datasheet figures."""
+    """One accelerator (or one CPU worker process, kind=cpu). Peaks are dense datasheet figures.
+
+    `memory_bytes` is the nominal size; `usable_memory_bytes`, when given, is what plans may
+    fill (a measured figure, say); `capacity_bytes` is the one the cost model plans against.
+    """
 
     name: str
     memory_bytes: int
@@ -219,8 +328,12 @@ class GpuSpec:
     peak_fp32_flops: float
     hbm_bytes_per_s: float
     kind: DeviceKind = DeviceKind.GPU
+    # Omitted from JSON when None, so plans of GPUs without it keep their bytes (and hashes).
+    usable_memory_bytes: int | None = field(default=None, metadata={"json_omit_none": True})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"gpu name={self.name!r} must be a non-empty string")
         owner = f"gpu '{self.name}'"
         _positive_int(owner, memory_bytes=self.memory_bytes)
         _positive(
@@ -231,6 +344,25 @@ class GpuSpec:
             hbm_bytes_per_s=self.hbm_bytes_per_s,
         )
         object.__setattr__(self, "kind", _enum(DeviceKind, f"{owner}.kind", self.kind))
+        usable = self.usable_memory_bytes
+        if usable is not None:
+            _positive_int(owner, usable_memory_bytes=usable)
+            if usable > self.memory_bytes:
+                raise SpecError(f"{owner}.usable_memory_bytes={usable} must be <= memory_bytes")
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes a plan may fill: usable_memory_bytes when set, else memory_bytes less
+        DEFAULT_MEMORY_HEADROOM (5 %)."""
+        if self.usable_memory_bytes is not None:
+            return self.usable_memory_bytes
+        return bytes_after_headroom(self.memory_bytes, DEFAULT_MEMORY_HEADROOM)
+
+    def with_memory_headroom(self, fraction: float) -> GpuSpec:
+        """This GPU planning against memory_bytes * (1 - fraction); replaces any
+        usable_memory_bytes. `fraction` must be in [0, 1)."""
+        usable = bytes_after_headroom(self.memory_bytes, check_headroom(fraction))
+        return replace(self, usable_memory_bytes=usable)
 
     def peak_flops(self, dtype: Dtype) -> float:
         return {
@@ -249,9 +381,10 @@ class LinkSpec:
     latency_s: float
 
     def __post_init__(self) -> None:
-        _positive(f"link '{self.name}'", bandwidth_bytes_per_s=self.bandwidth_bytes_per_s)
-        if self.latency_s < 0:
-            raise SpecError(f"link '{self.name}'.latency_s={self.latency_s} must be >= 0")
+        owner = f"link '{self.name}'"
+        _positive(owner, bandwidth_bytes_per_s=self.bandwidth_bytes_per_s)
+        if not is_number(self.latency_s) or self.latency_s < 0:
+            raise SpecError(f"{owner}.latency_s={self.latency_s!r} must be a finite number >= 0")
 
     def scaled(self, factor: float) -> LinkSpec:
         """This link at `factor` of its bandwidth (a degraded NIC or cable, for what-if planning)."""
@@ -280,8 +413,10 @@ class NodeSpec:
 
     def __post_init__(self) -> None:
         _positive_int("node", gpus=self.gpus, nics=self.nics)
-        if self.switch < 0:
-            raise SpecError(f"node.switch={self.switch} must be >= 0")
+        why = "one intra-node link class; an NVL72 rack has 72 GPUs in one NVLink domain"
+        _at_most("node.gpus", self.gpus, MAX_GPUS_PER_NODE, why)
+        if isinstance(self.switch, bool) or not isinstance(self.switch, int) or self.switch < 0:
+            raise SpecError(f"node.switch={self.switch!r} must be an integer >= 0")
 
     @property
     def network_bytes_per_s(self) -> float:
@@ -304,10 +439,29 @@ class ClusterSpec:
         if not self.nodes:
             raise SpecError(f"cluster '{self.name}': nodes must list at least one node")
         object.__setattr__(self, "nodes", tuple(self.nodes))
+        check_cluster_size(f"cluster '{self.name}'", self.num_gpus)
 
-    @property
+    def with_memory_headroom(self, fraction: float) -> ClusterSpec:
+        """This cluster with every GPU planning against memory_bytes * (1 - fraction)
+        (`GpuSpec.with_memory_headroom`; replaces usable_memory_bytes set in YAML)."""
+        check_headroom(fraction)
+        changed: dict[NodeSpec, NodeSpec] = {}
+        for node in self.nodes:
+            if node not in changed:
+                changed[node] = replace(node, gpu=node.gpu.with_memory_headroom(fraction))
+        return replace(self, nodes=tuple(changed[n] for n in self.nodes))
+
+    # Derived from `nodes` once per instance (cached_property writes the instance __dict__,
+    # not a field, so frozen-ness, equality and JSON are untouched): the cost model asks for
+    # these per candidate, and summing 100,000 nodes each time made planning O(nodes^2).
+    @cached_property
+    def node_starts(self) -> tuple[int, ...]:
+        """The global id of each node's first GPU, then the GPU count."""
+        return tuple(itertools.accumulate((n.gpus for n in self.nodes), initial=0))
+
+    @cached_property
     def num_gpus(self) -> int:
-        return sum(n.gpus for n in self.nodes)
+        return self.node_starts[-1]
 
     @property
     def uniform_gpus_per_node(self) -> int | None:
@@ -320,14 +474,11 @@ class ClusterSpec:
             raise SpecError(
                 f"gpu id {gpu_id} is outside 0..{self.num_gpus - 1} of cluster '{self.name}'"
             )
-        for i, node in enumerate(self.nodes):
-            if gpu_id < node.gpus:
-                return i, gpu_id
-            gpu_id -= node.gpus
-        raise AssertionError("unreachable")
+        node = bisect.bisect_right(self.node_starts, gpu_id) - 1
+        return node, gpu_id - self.node_starts[node]
 
     def gpu_ids_of_node(self, node_index: int) -> range:
-        start = sum(n.gpus for n in self.nodes[:node_index])
+        start = self.node_starts[node_index]
         return range(start, start + self.nodes[node_index].gpus)
 
     def gpu_of(self, gpu_id: int) -> GpuSpec:
@@ -369,6 +520,10 @@ class TrainingSpec:
 
     def __post_init__(self) -> None:
         _positive_int("training", global_batch=self.global_batch, seq_len=self.seq_len)
+        why = "sequences per step; the largest published batches are ~15,000 (DeepSeek-V3)"
+        _at_most("training.global_batch", self.global_batch, MAX_GLOBAL_BATCH, why)
+        check_model_limit("training.seq_len", "max_seq_len", self.seq_len)
+        _bools("training", flash_attention=self.flash_attention)
         object.__setattr__(self, "dtype", _enum(Dtype, "training.dtype", self.dtype))
         object.__setattr__(self, "grad_dtype", _enum(Dtype, "training.grad_dtype", self.grad_dtype))
         if self.optimizer != "adam":

@@ -26,7 +26,6 @@ compute because a 1F1B bubble is (p - 1) stage compute times (Narayanan et al. 2
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from planner.errors import FormatError, SpecError
+from planner.fileio import read_json_file
 
 VALIDATION_SCHEMA = "meshplan-validation/1"
 CORRECTIONS_SCHEMA = "meshplan-corrections/1"
@@ -615,12 +615,7 @@ def report_to_json(records: Sequence[ValidationRecord], meta: dict[str, Any]) ->
 
 def _read_json(path: str | Path, schema: str, what: str) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"{what} not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = read_json_file(p, what)
     if not isinstance(data, dict) or data.get("schema") != schema:
         raise FormatError(f"{p}: not a meshplan {what} (schema {schema})")
     return data

@@ -88,7 +88,8 @@ def test_invalid_config_is_one_line_exit_2(capsys: pytest.CaptureFixture[str]) -
     assert "tp*pp*dp must equal" in capsys.readouterr().err
 
 
-def test_not_fitting_is_not_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_not_fitting_prints_the_report_then_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    """Like `plan`, a configuration that does not fit is "infeasible" (3), after its report."""
     args = [
         "estimate",
         "--model",
@@ -106,8 +107,8 @@ def test_not_fitting_is_not_an_error(capsys: pytest.CaptureFixture[str]) -> None
         "--micro-batch",
         "1",
     ]
-    assert main(args) == 0
+    assert main(args) == 3
     out = capsys.readouterr().out
     assert "does not fit" in out and "exceeds" in out and "analytic estimate" in out
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--json"]) == 3
     assert json.loads(capsys.readouterr().out)["fits"] is False

@@ -1,22 +1,30 @@
-"""ParallelConfig rules, the plan and profile formats, and the CLI's error conventions."""
+"""ParallelConfig rules, the plan and profile formats (numbers checked on load, and whether a
+profile describes the planned hardware), and the CLI's error conventions."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import presets
-from planner.errors import ConfigError, FormatError
-from planner.parallel import MeshAxis, ParallelConfig, balanced_split
+from planner.errors import ConfigError, FormatError, SpecError
+from planner.parallel import MeshAxis, ParallelConfig, Recompute, balanced_split
 from planner.plan import build_plan, load_plan, plan_to_json, save_plan
 from planner.profile import (
     SCHEMA_VERSION,
+    BlockKind,
+    CollectiveOp,
+    CollectiveRecord,
+    ComputeRecord,
     LinkSample,
+    P2PRecord,
     Profile,
     ProfileGpu,
     ProfileMeta,
@@ -24,11 +32,16 @@ from planner.profile import (
     load_profile,
     save_profile,
 )
+from planner.profile_match import check_profile_matches, describes, device_name_for
+from planner.serialize import dumps, from_jsonable
 from planner.specs import Dtype, TrainingSpec
 
 MODEL = presets.load_model("tiny-llama")
 CPU8 = presets.load_cluster("cpu-8")
 TRAIN = TrainingSpec(global_batch=8, seq_len=16, dtype=Dtype.FP32)
+GIB = 2**30
+H100_NAME = "NVIDIA H100 80GB HBM3"
+H100_BYTES = 81_559 * 2**20  # what NVML reports for an H100 80GB
 
 
 def test_degrees_must_multiply_to_world_size_with_arithmetic():
@@ -193,3 +206,328 @@ def test_cli_presets_json_is_one_document():
 def test_cli_env_json():
     r = _cli("env", "--json")
     assert r.returncode == 0 and "solvers" in json.loads(r.stdout)
+
+
+# ---------------------------------------------------------------- profile numbers are checked
+
+
+def _profile_meta(
+    kind: str = "gpu", dtype: Dtype = Dtype.BF16, hosts=("h0",), model=None
+) -> ProfileMeta:
+    return ProfileMeta(
+        hosts=hosts,
+        device_kind=kind,
+        torch_version="t",
+        dtype=dtype,
+        date="d",
+        method="m",
+        model=model,
+    )
+
+
+def _compute_record(device: str = H100_NAME, seq_len: int = 128, **kw) -> ComputeRecord:
+    base = dict(
+        block=BlockKind.TRANSFORMER_BLOCK,
+        device_name=device,
+        tp=1,
+        micro_batch=1,
+        seq_len=seq_len,
+        recompute=Recompute.NONE,
+        forward_s=1e-3,
+        forward_spread_s=0.0,
+        backward_s=2e-3,
+        backward_spread_s=0.0,
+        activation_bytes=100,
+        parameter_bytes=100,
+        repeats=3,
+    )
+    return ComputeRecord(**{**base, **kw})
+
+
+def _measured(
+    hosts: int = 1,
+    per_host: int = 8,
+    *,
+    device: str = H100_NAME,
+    memory: int = H100_BYTES,
+    kind: str = "gpu",
+    dtype: Dtype = Dtype.BF16,
+    compute: bool = True,
+    links: bool = True,
+    seq_len: int = 128,
+    model=None,
+) -> Profile:
+    gpus = tuple(
+        ProfileGpu(
+            gpu_id=h * per_host + i,
+            host=f"h{h}",
+            local_index=i,
+            device_name=device,
+            memory_bytes=memory,
+        )
+        for h in range(hosts)
+        for i in range(per_host)
+    )
+    ids = [g.gpu_id for g in gpus]
+    p2p = tuple(
+        P2PRecord(src=a, dst=b, bandwidth_bytes_per_s=1e11, latency_s=1e-6)
+        for a in ids
+        for b in ids
+        if a != b
+    )
+    samples = (LinkSample(bytes=1024, seconds=1e-5), LinkSample(bytes=2048, seconds=2e-5))
+    coll = tuple(
+        CollectiveRecord(
+            op=CollectiveOp.ALL_REDUCE,
+            gpu_ids=tuple(range(h * per_host, (h + 1) * per_host)),
+            layout="contiguous",
+            samples=samples,
+            alpha_s=1e-5,
+            beta_bytes_per_s=1e10,
+            busbw_bytes_per_s=1e10,
+        )
+        for h in range(hosts)
+    )
+    return Profile(
+        schema_version=SCHEMA_VERSION,
+        meta=_profile_meta(kind, dtype, tuple(f"h{h}" for h in range(hosts)), model),
+        gpus=gpus,
+        compute=(_compute_record(device, seq_len),) if compute else (),
+        p2p=p2p if links else (),
+        collectives=coll if links else (),
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "index", "field", "value", "message"),
+    [
+        ("compute", 0, "forward_s", -1.0, r"profile\.compute\[0\]: .*forward_s=-1\.0 must be"),
+        (
+            "compute",
+            0,
+            "backward_s",
+            "NaN",
+            r"profile\.compute\[0\]\.backward_s: expected a finite",
+        ),
+        (
+            "compute",
+            0,
+            "forward_spread_s",
+            "Infinity",
+            r"compute\[0\]\.forward_spread_s: expected a finite",
+        ),
+        ("compute", 0, "activation_bytes", -5, r"compute\[0\]: .*activation_bytes=-5 must be"),
+        ("compute", 0, "tp", 0, r"compute\[0\]: .*tp=0 must be an integer >= 1"),
+        ("p2p", 1, "bandwidth_bytes_per_s", 0.0, r"profile\.p2p\[1\]: p2p record 0->2\.bandwidth"),
+        ("p2p", 0, "latency_s", -1e-6, r"p2p\[0\]: p2p record 0->1\.latency_s=-1e-06 must be"),
+        ("p2p", 0, "latency_s", "NaN", r"profile\.p2p\[0\]\.latency_s: expected a finite"),
+        ("p2p", 0, "dst", 0, r"p2p\[0\]: p2p record 0->0: src and dst must differ"),
+        ("collectives", 0, "alpha_s", "NaN", r"collectives\[0\]\.alpha_s: expected a finite"),
+        ("collectives", 0, "beta_bytes_per_s", -1.0, r"collectives\[0\]: .*beta_bytes_per_s=-1\.0"),
+        ("collectives", 0, "gpu_ids", [0, 0], r"collectives\[0\]: .*gpu_ids must list distinct"),
+        ("gpus", 0, "memory_bytes", -1, r"profile\.gpus\[0\]: .*memory_bytes=-1 must be"),
+        ("gpus", 0, "gpu_id", -1, r"profile\.gpus\[0\]: .*gpu_id=-1 must be an integer >= 0"),
+    ],
+)
+def test_profile_numbers_are_refused_on_load(tmp_path, section, index, field, value, message):
+    path = tmp_path / "p.json"
+    save_profile(_measured(per_host=4), path)
+    data = json.loads(path.read_text())
+    data[section][index][field] = value
+    # json.dumps writes NaN / Infinity for the strings below, as a buggy writer might
+    text = json.dumps(data)
+    for word in ("NaN", "Infinity"):
+        text = text.replace(f'"{word}"', word)
+    path.write_text(text)
+    with pytest.raises(FormatError, match=message):
+        load_profile(path)
+
+
+def test_link_sample_and_meta_refused(tmp_path):
+    path = tmp_path / "p.json"
+    save_profile(_measured(per_host=2), path)
+    data = json.loads(path.read_text())
+    data["collectives"][0]["samples"][0]["seconds"] = -1e-5
+    path.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=r"collectives\[0\]\.samples\[0\]: link sample\.seconds"):
+        load_profile(path)
+    data = json.loads(dumps(_measured(per_host=2)))
+    data["meta"]["device_kind"] = "tpu"
+    with pytest.raises(FormatError, match=r"meta\.device_kind='tpu' is not allowed; use one of"):
+        from_jsonable(Profile, data, "profile")
+    path.write_text('{"schema_version": 1, "x": ' + "9" * 5000 + "}")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        load_profile(path)
+
+
+def test_records_validate_on_construction_too():
+    with pytest.raises(FormatError, match="compute record.forward_s=nan must be a finite number"):
+        _compute_record(forward_s=math.nan)
+    with pytest.raises(FormatError, match="link sample.bytes=0 must be an integer >= 1"):
+        LinkSample(bytes=0, seconds=1.0)
+
+
+# ---------------------------------------------------------------- profile vs planned hardware
+
+BF16 = TrainingSpec(global_batch=64, seq_len=128)
+
+
+def test_cpu_profile_for_an_h100_cluster_is_refused():
+    cpu = _measured(1, 2, device="cpu (x86)", kind="cpu", dtype=Dtype.FP32, memory=GIB)
+    cluster = presets.load_cluster("dgx-h100", 16)
+    training = TrainingSpec(global_batch=64, seq_len=128, dtype=Dtype.FP32)
+    with pytest.raises(SpecError, match=r"profile device kind 'cpu' does not describe cluster "):
+        check_profile_matches(cpu, cluster, training)
+
+
+def test_dtype_mismatch_is_refused_only_with_compute_records():
+    cluster = presets.load_cluster("dgx-h100", 1)
+    fp32 = TrainingSpec(global_batch=64, seq_len=128, dtype=Dtype.FP32)
+    with pytest.raises(SpecError, match=r"profile dtype=bf16 does not match training dtype=fp32"):
+        check_profile_matches(_measured(), cluster, fp32)
+    assert check_profile_matches(_measured(compute=False), cluster, fp32) == (
+        "compute: the profile has no compute records; block times are not measured",
+    )
+
+
+def test_other_gpu_name_is_refused():
+    a100 = _measured(device="NVIDIA A100-SXM4-80GB")
+    with pytest.raises(SpecError, match=r"profile GPU name\(s\) 'NVIDIA A100-SXM4-80GB' describe"):
+        check_profile_matches(a100, presets.load_cluster("dgx-h100", 1), BF16)
+
+
+def test_exact_match_has_no_notes():
+    assert check_profile_matches(_measured(), presets.load_cluster("dgx-h100", 1), BF16) == ()
+    two = _measured(2)
+    assert check_profile_matches(two, presets.load_cluster("dgx-h100", 2), BF16) == ()
+
+
+def test_one_node_profile_on_sixteen_nodes_is_partial():
+    notes = check_profile_matches(_measured(), presets.load_cluster("dgx-h100", 16), BF16)
+    assert notes == (
+        "links: measured inside node 0; not measured inside nodes 1..15",
+        "links: cross-node links are not measured (the profile covers one node)",
+        "links: collectives were measured on groups within node 0; groups that include "
+        "other nodes are not measured",
+    )
+
+
+def test_two_node_profile_on_four_nodes_measures_some_cross_links():
+    notes = check_profile_matches(_measured(2), presets.load_cluster("dgx-h100", 4), BF16)
+    assert "links: cross-node links are measured only among nodes 0..1" in notes
+
+
+def test_mixed_cluster_with_one_type_profiled():
+    nodes = [{"type": "dgx-h100"}, {"type": "dgx-a100-80gb", "count": 2}]
+    cluster = presets.cluster_from_dict({"nodes": nodes}, "t", None)
+    notes = check_profile_matches(_measured(), cluster, BF16)
+    assert notes[0] == (
+        "compute: measured for H100-SXM-80GB on node 0; not measured for A100-80GB on nodes 1..2"
+    )
+    # the same profile with the A100 nodes listed first: GPU 0 is no longer an H100
+    nodes = [{"type": "dgx-a100-80gb", "count": 2}, {"type": "dgx-h100"}]
+    cluster = presets.cluster_from_dict({"nodes": nodes}, "t", None)
+    with pytest.raises(SpecError, match=r"profile gpu_id 0 is 'NVIDIA H100 80GB HBM3' but GPU 0"):
+        check_profile_matches(_measured(), cluster, BF16)
+
+
+def test_hosts_must_be_the_cluster_nodes():
+    link = {"bandwidth_gb_per_s": 450}
+    quad = {"gpu": "H100-SXM-80GB", "gpus": 4, "intra_link": link, "nic": link}
+    doc = {"node_types": {"quad": quad}, "nodes": [{"type": "quad", "count": 2}]}
+    cluster = presets.cluster_from_dict(doc, "t", None)
+    with pytest.raises(SpecError, match=r"profile host 'h0' has GPUs on cluster nodes 0 and 1"):
+        check_profile_matches(_measured(1, 8), cluster, BF16)
+    with pytest.raises(
+        SpecError, match=r"cluster node 0 holds GPUs profiled on hosts 'h0' and 'h1'"
+    ):
+        check_profile_matches(_measured(2, 4), presets.load_cluster("dgx-h100", 1), BF16)
+    shifted = _measured(1, 4)
+    shifted = replace(
+        shifted, gpus=tuple(replace(g, local_index=g.local_index + 1) for g in shifted.gpus)
+    )
+    with pytest.raises(
+        SpecError, match="is local GPU 1 of host 'h0' but local GPU 0 of cluster node 0"
+    ):
+        check_profile_matches(shifted, presets.load_cluster("dgx-h100", 1), BF16)
+
+
+def test_partial_node_and_profile_beyond_the_cluster():
+    notes = check_profile_matches(_measured(1, 4), presets.load_cluster("dgx-h100", 1), BF16)
+    assert notes == ("links: only some GPUs of node 0 were profiled",)
+    notes = check_profile_matches(_measured(2), presets.load_cluster("dgx-h100", 1), BF16)
+    assert notes == (
+        "links: profile GPUs 8..15 lie beyond the cluster's 8 GPUs; their records are not used",
+    )
+
+
+def test_cpu_workers_per_host_must_match_for_compute():
+    fp32 = TrainingSpec(global_batch=8, seq_len=128, dtype=Dtype.FP32)
+    cpu = _measured(1, 2, device="cpu (x86)", kind="cpu", dtype=Dtype.FP32, memory=8 * GIB)
+    assert check_profile_matches(cpu, presets.load_cluster("cpu-2"), fp32) == ()
+    with pytest.raises(
+        SpecError, match=r"2 worker\(s\) sharing host 'h0', but cluster node 0 runs 8"
+    ):
+        check_profile_matches(cpu, presets.load_cluster("cpu-8"), fp32)
+    links_only = replace(cpu, compute=())
+    notes = check_profile_matches(links_only, presets.load_cluster("cpu-8"), fp32)
+    assert "links: only some GPUs of node 0 were profiled" in notes
+    two_hosts = check_profile_matches(cpu, presets.load_cluster("cpu-2", 2), fp32)
+    assert "links: cross-node links are not measured (the profile covers one node)" in two_hosts
+
+
+def test_compute_notes_for_model_seq_len_and_links():
+    cluster = presets.load_cluster("dgx-h100", 1)
+    tiny = presets.load_model("tiny-gpt")
+    measured = _measured(model=tiny)
+    assert check_profile_matches(measured, cluster, BF16, model=tiny) == ()
+    llama = presets.load_model("tiny-llama")
+    assert check_profile_matches(measured, cluster, BF16, model=llama) == (
+        "compute: records are for model 'tiny-gpt', not 'tiny-llama'; not used",
+    )
+    assert check_profile_matches(_measured(), cluster, BF16, model=tiny) == (
+        "compute: records are for an unnamed model, not 'tiny-gpt'; not used",
+    )
+    long = TrainingSpec(global_batch=64, seq_len=2048)
+    assert check_profile_matches(_measured(), cluster, long) == (
+        "compute: records are for seq_len 128, not 2048; not used",
+    )
+    assert check_profile_matches(_measured(links=False), cluster, BF16) == (
+        "links: the profile has no link measurements; links are not measured",
+    )
+
+
+def test_memory_note_when_devices_are_smaller_than_the_plan_budget():
+    small = _measured(memory=40 * GIB, device="NVIDIA A100-SXM4-40GB")
+    notes = check_profile_matches(small, presets.load_cluster("dgx-a100-80gb", 1), BF16)
+    assert notes == (
+        "memory: the profiled A100-80GB devices report 40.0 GiB, less than the 76.0 GiB plans "
+        "budget; set usable_memory_gib for the GPU in the cluster YAML or use --memory-headroom",
+    )
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100-SXM-80GB", True),
+        ("NVIDIA H100 PCIe", "H100-SXM-80GB", True),
+        ("NVIDIA GH200 480GB", "H100-SXM-80GB", False),
+        ("NVIDIA A100-SXM4-80GB", "A100-80GB", True),
+        ("NVIDIA A100-SXM4-80GB", "H100-SXM-80GB", False),
+        ("NVIDIA H200", "H200-141GB", True),
+        ("NVIDIA L40S", "L40S", True),
+        ("AMD Instinct MI300X", "MI300X", True),
+        ("cpu (AMD EPYC 7B13)", "cpu-worker", False),  # a GPU-kind profile is never a CPU
+    ],
+)
+def test_describes(device, gpu, expected):
+    assert describes(device, "gpu", presets.load_gpu(gpu)) is expected
+
+
+def test_describes_cpu_and_custom_names():
+    assert describes("cpu (Intel Xeon)", "cpu", presets.load_gpu("cpu-worker"))
+    assert not describes("cpu (Intel Xeon)", "cpu", presets.load_gpu("A100-80GB"))
+    custom = replace(presets.load_gpu("A100-80GB"), name="Lab Box")
+    assert describes("lab box", "gpu", custom) and not describes("NVIDIA A100", "gpu", custom)
+    assert device_name_for(_measured(), presets.load_gpu("H100-SXM-80GB")) == H100_NAME
+    assert device_name_for(_measured(), presets.load_gpu("A100-80GB")) is None

@@ -1,17 +1,30 @@
-"""Specs validate on construction, count parameters exactly, and load from HF/YAML/presets."""
+"""Specs validate on construction, count parameters exactly, load from HF/YAML/presets, and
+give the memory plans may fill (headroom)."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 import presets
 from planner.errors import SpecError
 from planner.hf import model_from_hf_config
-from planner.specs import ClusterSpec, GpuSpec, LinkSpec, ModelSpec, NodeSpec, TrainingSpec
+from planner.specs import (
+    DEFAULT_MEMORY_HEADROOM,
+    ClusterSpec,
+    GpuSpec,
+    LinkSpec,
+    ModelSpec,
+    NodeSpec,
+    TrainingSpec,
+)
+
+GIB = 2**30
 
 
 def _model(**kw):
@@ -238,3 +251,44 @@ def test_importing_planner_does_not_import_torch():
         [sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True
     )
     assert json.loads(out.stdout) is False
+
+
+# ---------------------------------------------------------------- usable memory and headroom
+
+
+def test_capacity_defaults_to_headroom_and_usable_overrides():
+    gpu = presets.load_gpu("H100-SXM-80GB")
+    assert DEFAULT_MEMORY_HEADROOM == 0.05
+    assert gpu.usable_memory_bytes is None
+    assert gpu.capacity_bytes == 80 * GIB - math.floor(80 * GIB * 0.05) == 76 * GIB
+    assert replace(gpu, usable_memory_bytes=79 * GIB).capacity_bytes == 79 * GIB
+    cpu = presets.load_gpu("cpu-worker")
+    assert cpu.capacity_bytes == math.ceil(4 * GIB * 0.95)
+
+
+@pytest.mark.parametrize(
+    ("usable", "message"),
+    [
+        (81 * GIB, "usable_memory_bytes=86973087744 must be <= memory_bytes"),
+        (0, "usable_memory_bytes=0 must be a positive integer"),
+        (70.5 * GIB, "usable_memory_bytes=75698798592.0 must be a positive integer; write"),
+        (True, "usable_memory_bytes=True must be a positive integer"),
+    ],
+)
+def test_usable_memory_is_validated(usable, message):
+    with pytest.raises(SpecError, match=message):
+        replace(presets.load_gpu("H100-SXM-80GB"), usable_memory_bytes=usable)
+
+
+def test_with_memory_headroom():
+    cluster = presets.load_cluster("dgx-h100", 4)
+    tight = cluster.with_memory_headroom(0.1)
+    assert tight.num_gpus == 32 and tight.nodes[0] is tight.nodes[3]
+    assert all(n.gpu.capacity_bytes == 72 * GIB for n in tight.nodes)
+    assert all(n.gpu.memory_bytes == 80 * GIB for n in tight.nodes)
+    assert cluster.with_memory_headroom(0).nodes[0].gpu.capacity_bytes == 80 * GIB
+    yaml_set = replace(cluster.nodes[0].gpu, usable_memory_bytes=70 * GIB)
+    assert yaml_set.with_memory_headroom(0.05).capacity_bytes == 76 * GIB
+    for bad in (1, 1.5, -0.1, math.nan, math.inf, True, "0.1"):
+        with pytest.raises(SpecError, match=r"memory_headroom=.* must be a fraction in \[0, 1\)"):
+            cluster.with_memory_headroom(bad)  # type: ignore[arg-type]

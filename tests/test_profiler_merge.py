@@ -246,3 +246,53 @@ def test_heatmap_shades_and_numbers() -> None:
     lines = bandwidth_heatmap(replace(prof, p2p=slow))
     assert len(lines) == 5
     assert "█100.00" in lines[1] and "░ 25.00" in lines[3]
+
+
+def test_merge_refuses_out_that_is_a_named_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    save_profile(_node("a", 0, 2), a)
+    save_profile(_node("b", 2, 2), b)
+    before = a.read_bytes()
+    assert main(["profile", "merge", str(a), str(b), "--out", str(a)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {a}: is also an input") and len(err.splitlines()) == 1
+    assert a.read_bytes() == before
+
+
+def test_merge_into_the_directory_it_reads_skips_its_old_result(tmp_path: Path) -> None:
+    from cli.main import main
+
+    d = tmp_path / "nodes"
+    d.mkdir()
+    save_profile(_node("a", 0, 2), d / "profile-a.json")
+    save_profile(_node("b", 2, 2), d / "profile-b.json")
+    out = d / "profile-all.json"  # matches the directory's profile-*.json on the second run
+    assert main(["profile", "merge", str(d), "--out", str(out)]) == 0
+    assert main(["profile", "merge", str(d), "--out", str(out)]) == 0
+    assert len(load_profile(out).gpus) == 4
+    assert sorted(p.name for p in d.iterdir()) == [
+        "profile-a.json",
+        "profile-all.json",
+        "profile-b.json",
+    ]
+
+
+@pytest.mark.parametrize("where", ["missing/p.json", "afile/p.json", "adir"])
+def test_merge_refuses_unwritable_out(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+
+    src = tmp_path / "a.json"
+    save_profile(_node("a", 0, 2), src)
+    (tmp_path / "afile").write_text("keep me\n")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / where
+    assert main(["profile", "merge", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out}") and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and not (tmp_path / "missing").exists()

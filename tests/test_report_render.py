@@ -174,3 +174,22 @@ def test_scatter_turns_logarithmic_for_wide_ranges() -> None:
     )
     assert narrow.axes[0].get_xscale() == "linear"
     rr._pyplot().close("all")
+
+
+def test_save_figure_into_an_unwritable_place_is_one_spec_error(tmp_path) -> None:
+    from planner.errors import SpecError
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me\n")
+    fig = rr.scatter_figure([{"label": "a", "predicted_s": 0.1, "measured_s": 0.1}], title="s")
+    with pytest.raises(SpecError, match=r"^--report .*afile"):
+        rr.save_figure(fig, afile / "scatter", "--report")
+    assert afile.read_text() == "keep me\n"
+    assert not rr._pyplot().get_fignums()  # closed even when the write failed
+
+
+def test_save_figure_leaves_no_temporary_files(tmp_path) -> None:
+    fig = rr.scatter_figure([{"label": "a", "predicted_s": 0.1, "measured_s": 0.1}], title="s")
+    rr.save_figure(fig, tmp_path / "scatter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scatter.png", "scatter.svg"]
+    assert (tmp_path / "scatter.svg").read_text().lstrip().startswith("<?xml")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import presets
 from planner.cost.estimate import estimate, split_problem
-from planner.errors import NoFeasiblePlan
+from planner.errors import ConfigError, NoFeasiblePlan
 from planner.ilp import solve_split
 from planner.parallel import Schedule
 from planner.plan import build_plan, plan_to_json
@@ -113,7 +113,7 @@ def test_no_valid_config_names_the_rule() -> None:
     model = presets.load_model("gpt3-13b")
     cluster = presets.load_cluster("dgx-a100-80gb", 1)
     training = TrainingSpec(global_batch=64, seq_len=2048)
-    with pytest.raises(NoFeasiblePlan, match="binding constraint: tp=3 must divide heads=40"):
+    with pytest.raises(ConfigError, match="binding constraint: tp=3 must divide heads=40"):
         search(model, training, cluster, SearchOptions(fix={"tp": 3}))
 
 
@@ -220,7 +220,8 @@ def test_cli_errors_are_one_line(capsys) -> None:
     assert len(err) == 1 and "unknown field 'tpp'" in err[0]
     assert main([*base, "--allow", "everything"]) == 2
     assert "use any of tp,zero,gpipe" in capsys.readouterr().err
-    assert main([*base, "--fix", "tp=3"]) == 3
+    # a pin that breaks a structural rule is bad input (2), not "nothing fits" (3)
+    assert main([*base, "--fix", "tp=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no valid parallel configuration")
 

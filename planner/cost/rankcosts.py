@@ -278,7 +278,7 @@ def build_rank_costs(
             extra += 2 * p2p_bytes  # send and receive buffers
         fixed.append(extra)
     capacity = tuple(
-        float(min(cluster.nodes[i].gpu.memory_bytes for i in types[r])) for r in range(pp)
+        float(min(cluster.nodes[i].gpu.capacity_bytes for i in types[r])) for r in range(pp)
     )
     hbm = tuple(min(cluster.nodes[i].gpu.hbm_bytes_per_s for i in types[r]) for r in range(pp))
     dp_links = arrays.axis_links(MeshAxis.DP)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # meshplan: node 0 of 2 for plan 40e87d88a9 (tp=8 pp=2 dp=1). Run this on node 0.
+# Arguments are passed on to the executor; relative paths in them (--metrics, --data,
+# --checkpoint-dir) are relative to the directory you run this script from.
 set -euo pipefail
-cd "$(dirname "$0")"
+# plan.json lies beside this script; the subshell leaves the working directory alone.
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export MESHPLAN_NODE_INDEX=0
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:-node0.example:29500}"
-exec torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-40e87d88a9 -m executor.train --plan plan.json --device cuda --steps 100 --data /data/tokens.bin "$@"
+exec torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-40e87d88a9 -m executor.train --plan "$HERE/plan.json" --device cuda --steps 100 --data /data/tokens.bin "$@"
