@@ -531,3 +531,18 @@ def test_describes_cpu_and_custom_names():
     assert describes("lab box", "gpu", custom) and not describes("NVIDIA A100", "gpu", custom)
     assert device_name_for(_measured(), presets.load_gpu("H100-SXM-80GB")) == H100_NAME
     assert device_name_for(_measured(), presets.load_gpu("A100-80GB")) is None
+
+
+def test_mixed_cluster_never_borrows_another_types_block_times() -> None:
+    """An H100 profile on an H100 + A100 cluster: the A100 node has no measured device."""
+    from planner.cost.compute import node_device_names
+    from planner.specs import ClusterSpec
+
+    h100 = presets.load_node_type("dgx-h100")
+    a100 = presets.load_node_type("dgx-a100-80gb")
+    mixed = ClusterSpec(name="mix", nodes=(h100, a100))
+    assert node_device_names(_measured(), mixed) == (H100_NAME, None)
+    assert node_device_names(_measured(), ClusterSpec(name="h", nodes=(h100, h100))) == (
+        H100_NAME,
+        H100_NAME,
+    )

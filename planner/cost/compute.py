@@ -16,6 +16,7 @@ import numpy as np
 
 from planner.parallel import Recompute
 from planner.profile import BlockKind, ComputeRecord, Profile
+from planner.profile_match import describes, device_name_for
 from planner.specs import ClusterSpec
 
 
@@ -31,16 +32,21 @@ class MeasuredBlock:
 
 
 def node_device_names(profile: Profile, cluster: ClusterSpec) -> tuple[str | None, ...]:
-    """The profile device name of each cluster node: from the profile's GPU list by global id,
-    else the only device name the compute records use, else None (not measured)."""
+    """The profile device name of each cluster node: from the profile's GPU list by global id
+    when that device is of the node's GPU type, else the compute records' device of that type
+    (planner/profile_match.py), else None (not measured): a mixed cluster never borrows one
+    type's block times for another."""
     by_id = {g.gpu_id: g.device_name for g in profile.gpus}
     names = {r.device_name for r in profile.compute}
-    only = next(iter(names)) if len(names) == 1 else None
+    kind = profile.meta.device_kind
     out = []
-    for i in range(len(cluster.nodes)):
+    for i, node in enumerate(cluster.nodes):
         ids = cluster.gpu_ids_of_node(i)
         name = by_id.get(ids[0]) if len(ids) else None
-        out.append(name if name in names else only)
+        if name in names and describes(name, kind, node.gpu):
+            out.append(name)
+        else:
+            out.append(device_name_for(profile, node.gpu))
     return tuple(out)
 
 
