@@ -130,7 +130,9 @@ EOF
     # cover both micro-batch sizes, both recompute modes and both dtypes.
     CONFIGS="1:none 2:full"
     DTYPES="fp32 bf16"
-    PROFILE_ARGS=(--device cpu --nproc 2 --quick --micro-batches '1,2' --budget-s 10)
+    # One worker, as the one-worker cluster runs: a CPU profile is refused for a cluster whose
+    # nodes run another number of workers (they share the host's cores differently).
+    PROFILE_ARGS=(--device cpu --nproc 1 --quick --micro-batches '1,2' --budget-s 10)
     BENCH_ARGS=(--layers 2 --hidden 64 --heads 4 --vocab 512 --seq 32 --batch 4
       --micro-batch 2 --steps 6 --warmup 2 --repeats 1)
     PER_TEST_S=60
