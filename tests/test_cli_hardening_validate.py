@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_error, tiny_cpu_profile
 
 from cli import report_render as rr
 from cli.main import main
 from cli.plan_report import write_plan_report
 from planner.errors import SpecError
 from planner.plan import build_plan, save_plan
-from planner.profile import Profile, ProfileGpu, ProfileMeta, profile_sha256, save_profile
+from planner.profile import profile_sha256, save_profile
 from planner.specs import Dtype
 from planner.validation import (
     Corrections,
@@ -28,17 +29,6 @@ from planner.validation import (
 )
 
 CONFIGS = "- {tp: 1, pp: 1, dp: 2, micro_batch: 2}\n- {tp: 1, pp: 2, dp: 1, micro_batch: 2}\n"
-
-
-def one_error(capsys: pytest.CaptureFixture[str], *words: str) -> str:
-    """The single `error:` line on stderr (no traceback); it must contain every word."""
-    err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in lines[0], lines[0]
-    return lines[0]
 
 
 def unwritable(tmp_path: Path, kind: str) -> Path:
@@ -181,21 +171,7 @@ def test_validate_reports_some_failures_and_exits_0(tmp_path, capsys, monkeypatc
 @pytest.fixture
 def calibration_inputs(tmp_path: Path) -> tuple[Path, Path]:
     """(validation.json, profile.json) that calibrate accepts."""
-    prof = Profile(
-        schema_version=1,
-        meta=ProfileMeta(
-            hosts=("h",),
-            device_kind="cpu",
-            torch_version="x",
-            dtype=Dtype.FP32,
-            date="d",
-            method="m",
-        ),
-        gpus=tuple(
-            ProfileGpu(gpu_id=i, host="h", local_index=i, device_name="cpu", memory_bytes=2**30)
-            for i in range(2)
-        ),
-    )
+    prof = tiny_cpu_profile(2)
     profile = tmp_path / "profile.json"
     save_profile(prof, profile)
     truth = Corrections(compute_scale=1.5)

@@ -8,21 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_error
 
 from cli.main import main
 
 BASE = ["plan", "--model", "tiny-gpt", "--cluster", "dgx-h100", "--nodes", "1",
         "--global-batch", "8", "--seq-len", "64"]  # fmt: skip
-
-
-def _one_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize(
@@ -54,7 +45,7 @@ def test_plan_refuses_before_searching(
     monkeypatch.setattr("planner.search.search", no_search)
     args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     assert main([*BASE, *args]) == 2
-    _one_error(capsys, needle)
+    one_error(capsys, needle)
     assert (tmp_path / "afile").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "foreign"]
 
@@ -79,7 +70,7 @@ def test_report_without_matplotlib_is_refused_up_front(
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main([*BASE, "--report", str(tmp_path / "r"), "--out", str(tmp_path / "p.json")]) == 2
-    _one_error(capsys, "--report", "pip install -e '.[report]'")
+    one_error(capsys, "--report", "pip install -e '.[report]'")
     assert not (tmp_path / "p.json").exists()
 
 
@@ -97,12 +88,12 @@ def test_estimate_degrees_must_be_positive(
     args = ["estimate", "--model", "llama3-8b", "--cluster", "dgx-h100", "--nodes", "1",
             "--global-batch", "64", "--seq-len", "2048", "--micro-batch", "1", *flags]  # fmt: skip
     assert main(args) == 2
-    _one_error(capsys, needle)
+    one_error(capsys, needle)
 
 
 def test_bare_meshplan_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
-    line = _one_error(capsys, "missing command")
+    line = one_error(capsys, "missing command")
     assert "plan" in line and line != "error: "
 
 

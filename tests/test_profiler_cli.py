@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import tiny_cpu_profile
 
 from planner.parallel import Recompute
 from planner.profile import BlockKind, CollectiveOp, Profile, load_profile
@@ -195,23 +196,7 @@ def test_profile_without_torch_names_the_local_install(
 
 
 def _tiny_profile() -> Profile:
-    from planner.profile import ProfileGpu, ProfileMeta
-    from planner.specs import Dtype
-
-    return Profile(
-        schema_version=1,
-        meta=ProfileMeta(
-            hosts=("h",),
-            device_kind="cpu",
-            torch_version="x",
-            dtype=Dtype.FP32,
-            date="d",
-            method="m",
-        ),
-        gpus=(
-            ProfileGpu(gpu_id=0, host="h", local_index=0, device_name="cpu", memory_bytes=2**30),
-        ),
-    )
+    return tiny_cpu_profile(1)
 
 
 def test_a_failed_profile_leaves_no_partial_file(

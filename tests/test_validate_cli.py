@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_helpers import tiny_cpu_profile
 
 from cli.main import main
 from cli.validate_cmd import load_configs_file
 from planner.errors import ConfigError, FormatError
-from planner.profile import Profile, ProfileGpu, ProfileMeta, profile_sha256, save_profile
-from planner.specs import Dtype
+from planner.profile import Profile, profile_sha256, save_profile
 from planner.validation import (
     Corrections,
     ValidationRecord,
@@ -22,21 +22,7 @@ from planner.validation import (
 
 
 def _profile(path) -> Profile:
-    p = Profile(
-        schema_version=1,
-        meta=ProfileMeta(
-            hosts=("h",),
-            device_kind="cpu",
-            torch_version="x",
-            dtype=Dtype.FP32,
-            date="d",
-            method="m",
-        ),
-        gpus=tuple(
-            ProfileGpu(gpu_id=i, host="h", local_index=i, device_name="cpu", memory_bytes=2**30)
-            for i in range(2)
-        ),
-    )
+    p = tiny_cpu_profile(2)
     save_profile(p, path)
     return p
 
