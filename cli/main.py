@@ -16,12 +16,13 @@ from cli.stdio import guarded_stdout
 from planner.errors import MeshplanError
 
 COMMAND_MODULES = (
-    # in the order of the workflow: look up, measure, predict, plan, run, check
+    # in the order of the workflow: look up, measure, predict, plan, check the fit, run, check
     "cli.presets_cmd",
     "cli.env_cmd",
     "cli.profile_cmd",
     "cli.estimate_cmd",
     "cli.plan_cmd",
+    "cli.memcheck_cmd",
     "cli.launch_cmd",
     "cli.validate_cmd",
 )
