@@ -142,7 +142,7 @@ EOF
       --micro-batch 2 --steps 6 --warmup 2 --repeats 1)
     PER_TEST_S=60
     # Wider than on CUDA: a shared 2-core host may be several times slower than when idle.
-    LIMITS=([pytest]=60 [profile]=90 [validate]=240 [memcheck]=90 [estimate]=60 [overhead]=90)
+    LIMITS=([pytest]=60 [profile]=90 [validate]=240 [memcheck]=240 [estimate]=60 [overhead]=90)
     cat >"$WORK/cluster.yaml" <<'EOF'
 # One CPU worker (gloo), links as the cpu-2 preset's (presets/clusters.yaml).
 name: cpu-1
