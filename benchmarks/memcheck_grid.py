@@ -11,7 +11,8 @@ memory per pipeline rank (with pp > 2 the first and last ranks, the extremes of 
 
 Results are kept per configuration in OUT with .json for .md and the table is rewritten from
 them after every configuration, so a long run leaves partial results and `--only` re-measures
-some configurations in place. Not a timed test: it records how long each one took, here.
+some configurations in place. `--repredict` measures nothing and prices the stored
+measurements with the current cost model (the measurement does not depend on it). Not a timed test: it records how long each one took, here.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ def rows_of(index: int, case: Case, report: Any) -> list[dict[str, Any]]:
                 "index": index,
                 "label": case.label,
                 "pp_rank": s.pp_rank,
+                "layers": m.layers,
+                "by_kind": dict(m.by_kind_bytes),
                 "predicted": s.predicted_bytes,
                 "measured": m.peak_bytes,
                 "required": s.required_bytes,
@@ -242,6 +245,24 @@ def _save(store: dict[str, Any], out: Path) -> None:
     out.write_text(render(rows, failures, store["meta"]))
 
 
+def repredict(store: dict[str, Any]) -> None:
+    """Replace each stored row's prediction with the current cost model's. The measurement does
+    not depend on the cost model as long as the plan's layer split is the same (checked)."""
+    for key, entry in store["cases"].items():
+        plan = build(CASES[int(key) - 1])
+        stages = {s["pp_rank"]: s for s in plan.prediction["stages"]}
+        for row in entry.get("rows", []):
+            stage = stages[row["pp_rank"]]
+            if "layers" in row and row["layers"] != stage["layers"]:
+                raise SystemExit(f"case {key}: the layer split changed; measure it again")
+            pred = stage["memory"]
+            row["predicted"] = stage["memory_bytes"]
+            row["pred_states"] = _states(pred, PREDICTED_STATES)
+            row["pred_act"] = pred.get("activations")
+            row["error"] = row["required"] / row["predicted"] - 1
+            row["pred_fits"] = row["predicted"] <= stage["capacity_bytes"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -249,11 +270,21 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=2, help="pipeline ranks measured in parallel")
     ap.add_argument("--only", default=None, help="comma-separated case numbers (1-based)")
+    ap.add_argument(
+        "--repredict",
+        action="store_true",
+        help="measure nothing: price the stored measurements again with the current cost model",
+    )
     args = ap.parse_args()
+    store = _load(args.out.with_suffix(".json"))
+    if args.repredict:
+        repredict(store)
+        _save(store, args.out)
+        print(f"wrote {args.out}")
+        return 0
     from executor.memcheck import run_memcheck
 
     chosen = {int(x) for x in args.only.split(",")} if args.only else None
-    store = _load(args.out.with_suffix(".json"))
     store["meta"] = _meta()
     for i, case in enumerate(CASES, start=1):
         if chosen is not None and i not in chosen:

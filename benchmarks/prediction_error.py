@@ -12,6 +12,13 @@ Without --profile it first runs `meshplan profile --device cpu --nproc 2` for th
 The default model is a 4-layer GPT of hidden 128 (`small-gpt`, written to DIR): large enough
 that a step is mostly compute rather than Python overhead, small enough for 2 cores.
 Not a timed test: it prints its figures (and writes DIR/validation.json, DIR/report.html).
+
+The raw measured profile prices what this grid found missing (2026-12-02): the optimizer step
+with DTensor parameters (profile `optimizer`), tp = 2 blocks timed under the executor's DTensor
+TP with their collectives (`tp_collectives_included`) and each FSDP unit's ZeRO-0 sync as
+`replicate` runs it (`dp_sync`). Profile and runs share the host's 2 cores with whatever else
+runs: a profile taken at a load of 4 times blocks 2-2.5x slower than one at 1, so quote the
+load of both (the profile's is printed by `uptime` before it; validation.json has the runs').
 """
 
 from __future__ import annotations

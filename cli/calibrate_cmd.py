@@ -1,7 +1,9 @@
 """`meshplan calibrate` and `meshplan report`: the commands that work on a validation's output.
 
-Owns: fitting corrections from validation.json and storing them next to a copy of the profile
-(`<profile>.corrections.json`, read back by `load_profile_arg`), the standalone plan report
+Owns: fitting corrections from validation.json and storing them in the `corrections` field of a
+new profile (the input's measurements plus the factors; never the input itself), reading a
+`--profile` with its corrections (`load_profile_arg`, which also reads the legacy
+`<profile>.corrections.json` sidecar of older meshplan versions), the standalone plan report
 (report.html with its pictures), and the up-front checks of both commands' outputs.
 Does not own: measuring (cli/validate_cmd.py, whose `register` registers these commands too),
 the fit (planner/validation.py), the HTML sections (cli/plan_report.py) or drawing
@@ -10,10 +12,9 @@ the fit (planner/validation.py), the HTML sections (cli/plan_report.py) or drawi
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
-import os
-import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,56 +36,73 @@ CALIBRATION_SUMMARY = "calibration.json"
 
 
 def load_profile_arg(path: str | None) -> tuple[Any, Any, str | None]:
-    """(profile, corrections or None, sha256) for `--profile`; corrections from the sidecar."""
+    """(profile, its corrections or None, sha256 of the file's profile) for `--profile`.
+
+    A profile without a `corrections` field but with a legacy `<profile>.corrections.json`
+    beside it gets that sidecar's factors (said on stderr), so older calibrations still apply.
+    """
     if path is None:
         return None, None, None
     from planner.profile import load_profile, profile_sha256
-    from planner.validation import corrections_path, load_corrections
 
     profile = load_profile(path)
+    sha = profile_sha256(profile)
+    if profile.corrections is None:
+        legacy = _legacy_corrections(path)
+        if legacy is not None:
+            profile = replace(profile, corrections=legacy)
+    return profile, (profile.corrections.factors if profile.corrections else None), sha
+
+
+def _legacy_corrections(path: str) -> Any:
+    """The sidecar of meshplan < corrections-in-profile as a ProfileCorrections, or None."""
+    from planner.cost.corrections import ProfileCorrections
+    from planner.validation import corrections_path, load_corrections
+
     side = corrections_path(path)
-    corr = load_corrections(side) if side.is_file() else None
-    return profile, corr, profile_sha256(profile)
+    if not side.is_file():
+        return None
+    factors = load_corrections(side)
+    prov = json.loads(side.read_text()).get("provenance") or {}
+    mtime = _dt.datetime.fromtimestamp(side.stat().st_mtime, _dt.timezone.utc)
+    err_console().print(
+        f"note: --profile {path}: corrections read from the legacy file {side}; "
+        "`meshplan calibrate` now stores them in the profile (run it again to migrate)",
+        highlight=False,
+    )
+    return ProfileCorrections(
+        factors=factors,
+        fitted_on_host=f"an unrecorded host (legacy {side.name})",
+        fitted_on_date=mtime.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        validation_report=str(prov.get("validation_report", "")),
+        base_profile_sha256=str(prov.get("profile_sha256", "")),
+        fit_labels=tuple(prov.get("fit_labels", ())),
+        holdout_labels=tuple(prov.get("holdout_labels", ())),
+        identified=tuple(prov.get("identified", ())),
+    )
 
 
-def check_calibrate_outputs(report: str, profile: str, out: str) -> tuple[Path, Path, Path]:
-    """(profile copy, its corrections, the summary): each writable, none of them an input."""
-    from planner.validation import corrections_path
-
+def check_calibrate_outputs(report: str, profile: str, out: str) -> tuple[Path, Path]:
+    """(the new profile, the summary): each writable, neither of them an input."""
     inputs = [report, profile]
     out_path = check_output_file(out, "--out")
     check_not_inputs(out_path, inputs, "--out")
-    side = corrections_path(out_path)
-    check_output_file(side, "--out")
-    check_not_inputs(side, inputs, "--out")
     summary = Path(report).with_name(CALIBRATION_SUMMARY)
     where = f"REPORT's {CALIBRATION_SUMMARY}"
     check_output_file(summary, where)
     check_not_inputs(summary, inputs, where)
-    if summary.resolve() in {out_path.resolve(), side.resolve()}:
+    if summary.resolve() == out_path.resolve():
         raise SpecError(
             f"--out {out}: calibrate also writes {summary} beside REPORT; choose another --out"
         )
-    return out_path, side, summary
-
-
-def copy_atomically(src: str | Path, dst: Path, option: str) -> None:
-    """Byte-for-byte copy through a temporary file beside `dst`: never a half-copied profile."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise SpecError(f"{option} {dst}: cannot write ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    return out_path, summary
 
 
 def _dump(doc: Any) -> str:
     return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
-def _print_calibration(result: Any, out: Path, side: Path) -> None:
+def _print_calibration(result: Any, out: Path) -> None:
     console = err_console()
     for k, v in asdict(result.corrections).items():
         console.print(f"  {k:<18} {v:.4g}")
@@ -93,7 +111,9 @@ def _print_calibration(result: Any, out: Path, side: Path) -> None:
         f"held-out MAPE {fmt_pct(result.holdout_mape_before)} -> {fmt_pct(result.holdout_mape_after)} on "
         f"{len(result.holdout_labels)}; leave-one-out {fmt_pct(result.loo_mape_before)} -> {fmt_pct(result.loo_mape_after)}"
     )
-    console.print(f"wrote {out} and {side}")
+    console.print(
+        f"wrote {out} (the profile with these corrections; plan, estimate and validate apply them)"
+    )
 
 
 def calibrate_cmd(
@@ -102,7 +122,8 @@ def calibrate_cmd(
     out: str = typer.Option(
         ...,
         "--out",
-        help="Profile to write (a copy of --profile, which it must not be) + its .corrections.json.",
+        help="Profile to write: --profile's measurements plus the fitted corrections (never "
+        "--profile itself).",
     ),
     holdout: str = typer.Option(
         None, "--holdout", help="Comma-separated labels to hold out (default: every 3rd)."
@@ -118,10 +139,11 @@ def calibrate_cmd(
 
     Also writes calibration.json (the fit's summary) beside REPORT.
     """
-    from planner.profile import load_profile, profile_sha256
-    from planner.validation import calibrate, corrections_to_json, load_report
+    from planner.cost.corrections import ProfileCorrections
+    from planner.profile import load_profile, profile_sha256, save_profile
+    from planner.validation import calibrate, load_report
 
-    out_path, side, summary_path = check_calibrate_outputs(report, profile, out)
+    out_path, summary_path = check_calibrate_outputs(report, profile, out)
     records, meta = load_report(report)
     prof = load_profile(profile)
     if meta.get("profile_sha256") and meta["profile_sha256"] != profile_sha256(prof):
@@ -133,20 +155,25 @@ def calibrate_cmd(
     held = [h for h in holdout.split(",") if h] if holdout else None
     chosen = [f for f in factors.split(",") if f] if factors else None
     result = calibrate(records, holdout=held, factors=chosen)
-    provenance = {
-        "validation_report": str(report),
-        "profile_sha256": profile_sha256(prof),
-        "fit_labels": list(result.fit_labels),
-        "holdout_labels": list(result.holdout_labels),
-        "identified": list(result.identified),
-    }
-    copy_atomically(profile, out_path, "--out")
-    atomic_write_text(side, _dump(corrections_to_json(result.corrections, provenance)), "--out")
+    raw = replace(prof, corrections=None)
+    fitted = ProfileCorrections(
+        factors=result.corrections,
+        fitted_on_host=str(meta.get("host") or "an unrecorded host"),
+        fitted_on_date=str(meta.get("date") or "an unrecorded date"),
+        validation_report=str(report),
+        base_profile_sha256=profile_sha256(raw),
+        fit_labels=result.fit_labels,
+        holdout_labels=result.holdout_labels,
+        identified=result.identified,
+        holdout_mape=result.holdout_mape_after,
+        loo_mape=result.loo_mape_after,
+    )
+    save_profile(replace(raw, corrections=fitted), out_path)
     summary = asdict(result)
     atomic_write_text(summary_path, _dump(summary), f"REPORT's {CALIBRATION_SUMMARY}")
     if as_json:
         print_json(summary)
-    _print_calibration(result, out_path, side)
+    _print_calibration(result, out_path)
 
 
 def report_cmd(

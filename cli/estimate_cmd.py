@@ -76,6 +76,9 @@ def _render(est: Any, header: str) -> None:
     summary.add_row("hardware TFLOP/s per GPU", f"{est.hardware_tflops_per_gpu:.1f}")
     summary.add_row("MFU", f"{100 * est.mfu:.1f} %")
     summary.add_row("source", est.source)
+    if est.corrections is not None:
+        summary.add_row("corrections", est.corrections["note"])
+        summary.add_row("uncorrected step time", format_seconds(est.uncorrected_step_time_s or 0))
     out.print(summary)
     bd = Table(title="time breakdown (critical rank)")
     bd.add_column("part")

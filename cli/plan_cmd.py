@@ -219,6 +219,8 @@ def _render(result: Any, model: Any, cluster: Any) -> None:
         out.print(
             "[bold green]measured[/] (block times and links from the profile given with --profile)"
         )
+    if best.estimate.corrections is not None:
+        out.print(f"[bold]{best.estimate.corrections['note']}[/]", highlight=False)
     out.print(
         f"{model.name} on {cluster.name} ({cluster.num_gpus} GPUs): "
         f"{result.candidates_considered} candidates considered, {result.candidates_pruned} pruned "

@@ -1,6 +1,7 @@
 """The report of one plan: the per-op pipeline timeline, the memory picture and HTML sections.
 
-Owns: `timeline_events` (a replay of the cost model's schedule with per-op start/end times),
+Owns: `timeline_events` (the figure's events from the schedule simulator's trace,
+planner/cost/schedule.py, over the estimate's per-chunk times),
 `write_plan_report` (timeline + memory PNG/SVG for `meshplan plan --report DIR`; it checks
 matplotlib and the directory first), `ensure_output_dir` (check and create an output directory),
 the HTML sections of a plan and of a validation report, and the scatter points of a validation.
@@ -10,8 +11,12 @@ Does not own: predictions (planner/cost/), drawing (cli/report_render.py) or mea
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from planner.cost.schedule import OpKind, TraceOp
 
 # A Gantt chart of more ops than this is unreadable and slow to draw; longer plans are shown
 # with fewer micro-batches (the steady state repeats). Unit: ops (one chunk's fwd or bwd).
@@ -32,7 +37,7 @@ def config_label(c: Any) -> str:
     return label
 
 
-# ---------------------------------------------------------------- timeline replay
+# ---------------------------------------------------------------- timeline
 
 
 def timeline_events(
@@ -43,17 +48,19 @@ def timeline_events(
     profile: Any,
     estimate_json: dict[str, Any],
 ) -> tuple[list[dict[str, Any]], float, str]:
-    """Per-op start/end times of one step, replayed over the cost model's own per-chunk times.
+    """Per-op start/end times of one step: the trace of the cost model's own schedule
+    simulation (`planner.cost.schedule.simulate(..., trace=True)`) over the estimate's
+    per-chunk times (`planner.cost.estimate.chunk_times`), nothing simulated here.
 
-    The cost model's simulation (planner/cost/schedule.py) returns only the makespan and rank
-    finish times, so this replays the same op order (`rank_orders`) with the same dependency
-    rules (an op waits for its rank's previous op and its producer chunk plus the p2p time) and
-    records when each op ran; forward/backward are split into compute and TP communication.
-    Returns (events, makespan_s, caption).
+    Each forward/backward op is drawn as its compute followed by its TP collectives (the two
+    parts the chunk time sums); a p2p wait as communication on the receiving rank. DP
+    synchronisation and the optimizer step after the pipeline are the critical rank's (the
+    estimate's breakdown). Returns (events, end_s, caption).
     """
     from planner.cost.analytic import DEFAULT_CONSTANTS
+    from planner.cost.estimate import chunk_times
     from planner.cost.rankcosts import build_rank_costs
-    from planner.cost.schedule import rank_orders
+    from planner.cost.schedule import OpKind, simulate
 
     rc = build_rank_costs(model, training, cluster, config, profile, DEFAULT_CONSTANTS)
     pp, v, m_full = rc.pp, rc.virtual_stages, rc.num_micro_batches
@@ -62,86 +69,35 @@ def timeline_events(
     while m > pp and 2 * chunks * m > MAX_TIMELINE_OPS:
         m -= pp if config.schedule.value == "interleaved" else 1
     split = config.layers_per_chunk(model)
-
-    def part(k: int, attr: str) -> float:
-        t = split[k] * getattr(rc.block[k % pp], attr)
-        t += getattr(rc.embedding, attr) if k == 0 else 0.0
-        t += getattr(rc.head, attr) if k == chunks - 1 else 0.0
-        return t
-
-    cost = {
-        k: (
-            part(k, "fwd_compute_s"),
-            part(k, "fwd_tp_s"),
-            part(k, "bwd_compute_s"),
-            part(k, "bwd_tp_s"),
-        )
-        for k in range(chunks)
-    }
-    p2p = [rc.p2p_s[k % pp] for k in range(chunks - 1)]
-    orders = rank_orders(config.schedule.value, pp, v, m)
-    f_end = [[-1.0] * m for _ in range(chunks)]
-    b_end = [[-1.0] * m for _ in range(chunks)]
-    ptr, free = [0] * pp, [0.0] * pp
-    events: list[dict[str, Any]] = []
-    remaining = sum(len(o) for o in orders)
-    while remaining:
-        before = remaining
-        for r in range(pp):
-            while ptr[r] < len(orders[r]):
-                is_f, c, j = orders[r][ptr[r]]
-                src = c - 1 if is_f else c + 1
-                if is_f and c == 0:
-                    ready = 0.0
-                elif not is_f and c == chunks - 1:
-                    ready = f_end[c][j]
-                else:
-                    dep = (f_end if is_f else b_end)[src][j]
-                    if dep < 0:
-                        break
-                    hop = p2p[min(c, src)]
-                    if hop > 0:
-                        events.append(
-                            {"rank": r, "kind": "communication", "start_s": dep, "end_s": dep + hop}
-                        )
-                    ready = dep + hop
-                if ready < 0:
-                    break
-                comp, tp_s = (cost[c][0], cost[c][1]) if is_f else (cost[c][2], cost[c][3])
-                start = max(free[r], ready)
-                label = f"{j}" if v == 1 else f"{j}.{c // pp}"
-                kind = "forward" if is_f else "backward"
-                events.append(
-                    {
-                        "rank": r,
-                        "kind": kind,
-                        "start_s": start,
-                        "end_s": start + comp,
-                        "label": label,
-                    }
-                )
-                if tp_s > 0:
-                    events.append(
-                        {
-                            "rank": r,
-                            "kind": "communication",
-                            "start_s": start + comp,
-                            "end_s": start + comp + tp_s,
-                        }
-                    )
-                free[r] = start + comp + tp_s
-                (f_end if is_f else b_end)[c][j] = free[r]
-                ptr[r] += 1
-                remaining -= 1
-        if remaining == before:
-            raise AssertionError("timeline replay deadlocked")
-    pipeline_s = max(free)
+    sim = simulate(
+        config.schedule.value,
+        pp=pp,
+        virtual_stages=v,
+        num_micro_batches=m,
+        fwd_s=chunk_times(rc, split, "fwd_s"),
+        bwd_s=chunk_times(rc, split, "bwd_s"),
+        p2p_s=tuple(rc.p2p_s[k % pp] for k in range(chunks - 1)),
+        trace=True,
+    )
+    events = _trace_events(
+        sim.trace,
+        compute_s={
+            OpKind.FORWARD: chunk_times(rc, split, "fwd_compute_s"),
+            OpKind.BACKWARD: chunk_times(rc, split, "bwd_compute_s"),
+        },
+        tp_s={
+            OpKind.FORWARD: chunk_times(rc, split, "fwd_tp_s"),
+            OpKind.BACKWARD: chunk_times(rc, split, "bwd_tp_s"),
+        },
+        pp=pp,
+        v=v,
+    )
     bd = estimate_json.get("breakdown", {})
     tail = [
         ("communication", float(bd.get("dp_comm_s", 0.0))),
         ("optimizer", float(bd.get("optimizer_s", 0.0))),
     ]
-    end = pipeline_s
+    end = sim.makespan_s
     for kind, dur in tail:
         if dur > 0:
             events += [
@@ -149,8 +105,9 @@ def timeline_events(
             ]
             end += dur
     caption = (
-        f"Replayed from the cost model's per-chunk times ({rc.source}); DP synchronisation and the "
-        "optimizer step after the pipeline are the critical rank's (estimate breakdown)."
+        f"The cost model's schedule simulation over its per-chunk times ({rc.source}); DP "
+        "synchronisation and the optimizer step after the pipeline are the critical rank's "
+        "(estimate breakdown)."
     )
     if m != m_full:
         caption += (
@@ -160,9 +117,48 @@ def timeline_events(
         predicted = float(estimate_json.get("step_time_s", end))
         if predicted > 0 and abs(end - predicted) / predicted > 0.01:
             caption += (
-                f" Replay ends at {end * 1e3:.2f} ms; the estimate says {predicted * 1e3:.2f} ms."
+                f" The timeline ends at {end * 1e3:.2f} ms; the estimate says "
+                f"{predicted * 1e3:.2f} ms."
             )
     return events, end, caption
+
+
+def _trace_events(
+    trace: Sequence[TraceOp],
+    *,
+    compute_s: dict[OpKind, tuple[float, ...]],
+    tp_s: dict[OpKind, tuple[float, ...]],
+    pp: int,
+    v: int,
+) -> list[dict[str, Any]]:
+    """The figure's events of a simulator trace: a forward/backward op becomes its compute bar
+    (labelled micro-batch, or micro-batch.virtual stage) and, when the chunk has TP collectives,
+    a communication bar after it; a p2p op a communication bar."""
+    from planner.cost.schedule import OpKind
+
+    events: list[dict[str, Any]] = []
+    for op in trace:
+        if op.kind is OpKind.P2P:
+            events.append(
+                {"rank": op.rank, "kind": "communication", "start_s": op.start_s, "end_s": op.end_s}
+            )
+            continue
+        split = min(op.start_s + compute_s[op.kind][op.chunk], op.end_s)
+        label = f"{op.micro_batch}" if v == 1 else f"{op.micro_batch}.{op.chunk // pp}"
+        events.append(
+            {
+                "rank": op.rank,
+                "kind": op.kind.value,
+                "start_s": op.start_s,
+                "end_s": split,
+                "label": label,
+            }
+        )
+        if tp_s[op.kind][op.chunk] > 0:
+            events.append(
+                {"rank": op.rank, "kind": "communication", "start_s": split, "end_s": op.end_s}
+            )
+    return events
 
 
 # ---------------------------------------------------------------- plan report

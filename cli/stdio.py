@@ -73,7 +73,9 @@ def guarded_stdout(json_only: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        data.flush()
+        with contextlib.suppress(BrokenPipeError):
+            # the reader went away (`meshplan ... | head`): nothing left to deliver
+            data.flush()
         sys.stdout = original
         _DATA_STREAM.reset(token)
         data.close()

@@ -5,7 +5,7 @@ what it prints and its exit status (1 when every configuration failed to run). `
 registers `calibrate` and `report` (cli/calibrate_cmd.py), which work on a validation's output.
 Does not own: the measuring and the files it writes (cli/validate_run.py, whose
 `run_validation` is re-exported here), predictions (planner/cost/), the metrics and the fit
-(planner/validation.py), corrections files (cli/calibrate_cmd.py), the plan's pictures
+(planner/validation.py), reading a profile's corrections (cli/calibrate_cmd.py), the plan's pictures
 (cli/plan_report.py, whose `write_plan_report` is re-exported here for
 `meshplan plan --report DIR`), or drawing (cli/report_render.py).
 """
@@ -101,6 +101,9 @@ def check_validate_options(
 
 def _print_results(report: dict[str, Any], out: Path) -> None:
     console = err_console()
+    note = (report.get("meta") or {}).get("corrections_note")
+    if note:
+        console.print(f"predictions {note}", highlight=False)
     for r in report["records"]:
         meas = r.get("measured_step_time_s")
         console.print(
@@ -149,10 +152,13 @@ def register(app: typer.Typer) -> None:
             None, "--dtype", help="bf16|fp16|fp32 (default: fp32 on CPU clusters, else bf16)."
         ),
         profile: str = typer.Option(
-            None, "--profile", help="Measured profile.json (its .corrections.json is applied)."
+            None,
+            "--profile",
+            help="Measured profile.json (its corrections are applied; also a legacy "
+            ".corrections.json beside it).",
         ),
         no_corrections: bool = typer.Option(
-            False, "--no-corrections", help="Ignore the profile's corrections file."
+            False, "--no-corrections", help="Ignore the profile's corrections."
         ),
         top: int = typer.Option(8, "--top", help="Validate the planner's top K configurations."),
         configs: str = typer.Option(

@@ -17,7 +17,7 @@ import re
 import statistics
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,16 +102,11 @@ def _config_json(c: Any) -> dict[str, Any]:
     return {k: to_jsonable(getattr(c, k)) for k in c.__dataclass_fields__ if k != "rank_to_gpu"}
 
 
-def _predict(
-    model: Any, training: Any, cluster: Any, config: Any, profile: Any, corrections: Any
-) -> dict[str, Any]:
+def _predict(model: Any, training: Any, cluster: Any, config: Any, profile: Any) -> dict[str, Any]:
+    """The estimate's JSON; a profile's corrections are applied by the cost model itself."""
     from planner.cost.estimate import estimate
-    from planner.validation import apply_corrections
 
-    est = estimate(model, training, cluster, config, profile).to_json()
-    if corrections is None:
-        return est
-    return apply_corrections(est, corrections, slots=_slots(config, training), dp=config.dp)
+    return estimate(model, training, cluster, config, profile).to_json()
 
 
 def _slots(config: Any, training: Any) -> int:
@@ -140,12 +135,15 @@ def run_validation(
     from planner.validation import report_to_json
 
     profile, corrections, sha = load_profile_arg(profile_path)
+    if profile is not None and not use_corrections:
+        profile = replace(profile, corrections=None)
     if profile is not None:
         from planner.profile_match import check_profile_matches
 
         for note in check_profile_matches(profile, cluster, training, model=model):
             err_console().print(f"note: --profile {profile_path}: {note}", highlight=False)
-    corrections = corrections if use_corrections else None
+    fitted = profile.corrections if profile is not None else None
+    corrections = fitted.factors if fitted is not None else None
     source = "measured" if profile is not None else "analytic"
     if configs is None:
         from planner.search import SearchOptions, search
@@ -156,7 +154,7 @@ def run_validation(
     repeated = sorted({x for x in labels if labels.count(x) > 1})
     if repeated:
         raise SpecError(f"configuration(s) listed more than once: {', '.join(repeated)}")
-    predicted = [(c, _predict(model, training, cluster, c, profile, corrections)) for c in configs]
+    predicted = [(c, _predict(model, training, cluster, c, profile)) for c in configs]
     order = sorted(range(len(predicted)), key=lambda i: predicted[i][1]["step_time_s"])
     rank_of = {i: k for k, i in enumerate(order)}
     plans, paths = _write_plans(predicted, model, training, cluster, source, sha, out)
@@ -177,6 +175,7 @@ def run_validation(
         "profile_sha256": sha,
         "prediction_source": source,
         "corrections": asdict(corrections) if corrections is not None else None,
+        "corrections_note": fitted.note if fitted is not None else None,
         "steps": steps,
         "warmup_steps_dropped": warmup,
         "repeats": repeats,
@@ -189,8 +188,8 @@ def run_validation(
         "run_notes": [g["note"] for label in plans for g in runs[label] if g.get("note")],
     }
     report = report_to_json(records, meta)
-    if corrections is not None and profile_path is not None:
-        report["holdout"] = _holdout_summary(records, profile_path)
+    if fitted is not None:
+        report["holdout"] = _holdout_summary(records, fitted)
     top_label = (report["summary"].get("top_choice") or {}).get("top_label")
     top_plan = plans[top_label or config_label(predicted[order[0]][0])]
     _write_report_files(report, records, top_plan, profile, out)
@@ -301,13 +300,12 @@ def _write_report_files(
     atomic_write_text(out / "report.html", page)
 
 
-def _holdout_summary(records: list[Any], profile_path: str) -> dict[str, Any]:
+def _holdout_summary(records: list[Any], fitted: Any) -> dict[str, Any]:
     """MAPE on the configurations the corrections were *not* fitted on (from their provenance)."""
-    from planner.validation import corrections_path, mape
+    from planner.validation import mape
 
-    prov = json.loads(corrections_path(profile_path).read_text()).get("provenance", {})
-    held = set(prov.get("holdout_labels", []))
-    fit = set(prov.get("fit_labels", []))
+    held = set(fitted.holdout_labels)
+    fit = set(fitted.fit_labels)
     done = [r for r in records if r.measured_step_time_s]
     unseen = [r for r in done if r.label not in fit]
 

@@ -115,6 +115,17 @@ class FeedForward(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
+def _to_compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """A norm's output in autocast's dtype. Autocast runs norms in fp32 and casts a linear's
+    input per call, so q/k/v (and w1/w3) would each save their own low-precision copy of the
+    same input for backward; casting once here makes them share one (and halves the
+    sequence-parallel all-gather). A no-op without autocast."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.))."""
 
@@ -129,8 +140,8 @@ class TransformerBlock(nn.Module):
         self.recompute = Recompute.NONE
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x))
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.attention(_to_compute_dtype(self.attention_norm(x)))
+        return x + self.feed_forward(_to_compute_dtype(self.ffn_norm(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.recompute is Recompute.FULL and torch.is_grad_enabled():

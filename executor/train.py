@@ -75,10 +75,12 @@ def _local_step(
         losses: list[torch.Tensor] = []
         args = (inputs,) if model.has_embedding else ()
         with rt.autocast(), loss_context(tp):
+            # return_outputs=False: otherwise the last stage keeps every micro-batch's logits
+            # until the step ends (torch's `output_chunks`), m x tokens x vocab/tp elements.
             if model.has_head:
-                model.schedule.step(*args, target=targets, losses=losses)
+                model.schedule.step(*args, target=targets, losses=losses, return_outputs=False)
             else:
-                model.schedule.step(*args)
+                model.schedule.step(*args, return_outputs=False)
         return torch.stack([_local(x) for x in losses]).mean().detach() if model.has_head else None
     ((_, module),) = model.chunks
     total = torch.zeros((), device=rt.device)

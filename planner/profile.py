@@ -9,23 +9,32 @@ numbers (planner/cost/).
 Definitions (the profiler writes to these, the cost model reads by them):
 - ComputeRecord times are per call of one block on one device, for one micro-batch, with the
   block built at its tensor-parallel-sharded shapes (`ModelSpec.tp_shard(tp)`); the block's TP
-  collectives are *not* included (they are priced from the link measurements).
+  collectives are *not* included (they are priced from the link measurements), except in a
+  record with `tp_collectives_included`, timed under the executor's DTensor TP.
   `backward_s` includes the recompute forward when `recompute` is not none, since that is what
   backward costs under checkpointing. `activation_bytes` is what the block keeps for backward
   (saved-tensor hooks, de-duplicated by storage), `parameter_bytes` the block's weights.
+- OptimizerRecord times are one optimizer step (AdamW.step) over one block's
+  parameters, plain or as DTensors (`distributed`).
+- DpSyncRecord times are one FSDP unit's gradient synchronisation as the executor runs it.
+- `corrections` (optional): calibration factors and their provenance
+  (planner/cost/corrections.py), applied by the cost model to every estimate from this profile.
 - Collective samples: `bytes` is the per-rank buffer size as nccl-tests' "size" (the all-reduce
   input, the all-gather output); `seconds` the median time. Fit: t = alpha + bytes / beta.
   `busbw` follows nccl-tests' PERFORMANCE.md: algbw * 2(n-1)/n for all-reduce, (n-1)/n for
-  all-gather, reduce-scatter and all-to-all.
+  all-gather, reduce-scatter and all-to-all (`CollectiveOp.busbw_factor`; the op names and
+  every link formula live in planner/cost/collectives.py, re-exported here).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from planner.cost.collectives import CollectiveOp, message_s
+from planner.cost.corrections import ProfileCorrections
 from planner.errors import FormatError
 from planner.fileio import atomic_write_text, read_json_file
 from planner.parallel import Recompute
@@ -44,18 +53,6 @@ class BlockKind(str, Enum):
     EMBEDDING = "embedding"
     TRANSFORMER_BLOCK = "transformer_block"
     HEAD_AND_LOSS = "head_and_loss"
-
-
-class CollectiveOp(str, Enum):
-    ALL_REDUCE = "all_reduce"
-    ALL_GATHER = "all_gather"
-    REDUCE_SCATTER = "reduce_scatter"
-    ALL_TO_ALL = "all_to_all"
-
-    def busbw_factor(self, group_size: int) -> float:
-        """nccl-tests PERFORMANCE.md: busbw = algbw * factor."""
-        n = group_size
-        return 2 * (n - 1) / n if self is CollectiveOp.ALL_REDUCE else (n - 1) / n
 
 
 def _check_numbers(owner: str, positive: bool, **values: float) -> None:
@@ -88,6 +85,10 @@ class ComputeRecord:
     parameter_bytes: int
     repeats: int
     peak_memory_bytes: int | None = None
+    # True: timed as the executor runs tp > 1 (DTensor TP over a group of the profiled node),
+    # so the times include the block's TP collectives and DTensor's dispatch; None (older
+    # profiles, tp = 1): the plain sharded block, collectives priced from the links.
+    tp_collectives_included: bool | None = field(default=None, metadata={"json_omit_none": True})
 
     def __post_init__(self) -> None:
         owner = "compute record"
@@ -106,6 +107,57 @@ class ComputeRecord:
         )
         if self.peak_memory_bytes is not None:
             _check_counts(owner, 0, peak_memory_bytes=self.peak_memory_bytes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerRecord:
+    """One optimizer step (the executor's AdamW.step) over the parameters of one
+    block at its tensor-parallel-sharded shapes, on one device. `distributed`: the parameters
+    are DTensors, as FSDP2 / replicate (dp > 1) and DTensor TP (tp > 1) make them, whose every
+    elementwise op pays DTensor's dispatch; else plain tensors. `parameter_tensors` is how many
+    tensors the step walks (the for-loop AdamW pays a fixed cost per tensor and op)."""
+
+    block: BlockKind
+    device_name: str
+    tp: int
+    distributed: bool
+    step_s: float
+    step_spread_s: float
+    parameter_bytes: int
+    parameter_tensors: int
+    repeats: int
+
+    def __post_init__(self) -> None:
+        owner = "optimizer record"
+        _check_counts(owner, 1, tp=self.tp, repeats=self.repeats)
+        _check_counts(
+            owner, 0, parameter_bytes=self.parameter_bytes, parameter_tensors=self.parameter_tensors
+        )
+        _check_numbers(owner, False, step_s=self.step_s, step_spread_s=self.step_spread_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DpSyncRecord:
+    """The data-parallel gradient synchronisation of one block's FSDP unit as the executor runs
+    it (ZeRO-0: `replicate` over `group_size` workers of one node, tp = 1): `sync_s` is the
+    backward's extra time with gradient sync on over the same backward with it off, i.e. the
+    all-reduce plus the wrapper's copy-in, divide and copy-out around it; on CPU workers,
+    where nothing overlaps, that is what each unit adds to a step."""
+
+    block: BlockKind
+    device_name: str
+    group_size: int
+    sync_s: float
+    sync_spread_s: float
+    gradient_bytes: int
+    repeats: int
+
+    def __post_init__(self) -> None:
+        owner = "dp sync record"
+        _check_counts(owner, 2, group_size=self.group_size)
+        _check_counts(owner, 1, repeats=self.repeats)
+        _check_counts(owner, 0, gradient_bytes=self.gradient_bytes)
+        _check_numbers(owner, False, sync_s=self.sync_s, sync_spread_s=self.sync_spread_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +210,7 @@ class CollectiveRecord:
         return len(self.gpu_ids)
 
     def time_s(self, nbytes: float) -> float:
-        return self.alpha_s + nbytes / self.beta_bytes_per_s
+        return float(message_s(nbytes, self.beta_bytes_per_s, self.alpha_s))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +256,18 @@ class Profile:
     compute: tuple[ComputeRecord, ...] = ()
     p2p: tuple[P2PRecord, ...] = ()
     collectives: tuple[CollectiveRecord, ...] = ()
+    # Fitted by `meshplan calibrate` (planner/cost/corrections.py, its own `schema`); absent in
+    # a raw profile, and left out of its JSON then, so older profiles keep their bytes and hash.
+    corrections: ProfileCorrections | None = field(default=None, metadata={"json_omit_none": True})
+    # Measured optimizer steps per block (profiles before this field have none: the cost model
+    # then prices the step from bytes and memory bandwidth alone).
+    optimizer: tuple[OptimizerRecord, ...] | None = field(
+        default=None, metadata={"json_omit_none": True}
+    )
+    # Measured DP synchronisation per FSDP unit (CPU profiles of one node; absent before).
+    dp_sync: tuple[DpSyncRecord, ...] | None = field(
+        default=None, metadata={"json_omit_none": True}
+    )
 
     def __post_init__(self) -> None:
         if self.schema_version != SCHEMA_VERSION:

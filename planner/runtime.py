@@ -8,9 +8,9 @@ systems the analytic constants are calibrated on are other instances (`MEGATRON_
 Does not own: the formulas that price these rules (planner/cost/), or the executor (executor/),
 whose docstrings point here.
 
-This is the first part of the runtime description of docs/DESIGN.md: the data-parallel
-synchronisation rules. Memory rules (resident buffers, saved bytes per block) still live in
-planner/cost/memory.py and move here as the runtime-parity work continues.
+The description has two parts: the data-parallel synchronisation rules (`RuntimeSemantics`)
+and the memory rules (`MemoryRules`: what a block saves for backward, which buffers stay
+resident), which planner/cost/memory.py prices.
 """
 
 from __future__ import annotations
@@ -32,6 +32,94 @@ class GradSync(str, Enum):
     # `perform_reduce_grad`), and Megatron-LM 2021's all-reduce of its contiguous gradient buffer
     # after the pipeline flush (Narayanan et al. 2021, Sec. 4.1: no overlap of DP communication).
     AFTER_BACKWARD = "after_backward"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryRules:
+    """What a runtime keeps in memory beyond the tensors every implementation must keep.
+
+    Each field was read off the runtime and, for the executor, is tested against the saved
+    tensors of its own block (tests/test_memory_parity.py) and memcheck."""
+
+    # Bytes per element a norm keeps of its input. CUDA autocast runs layer_norm / rms_norm in
+    # fp32 (AutocastCUDA), so the fused kernel saves an fp32 copy of a bf16 input: 4. None:
+    # the compute dtype (Megatron's fused LayerNorm, Korthikanti et al. 2022 Table 2).
+    norm_input_bytes: int | None
+    # The norm's fp32 statistics (rstd; LayerNorm also the mean) are kept. Table 2 omits them.
+    norm_stats: bool
+    # With sequence parallelism the all-gathered full-sequence input of q/k/v and of the MLP's
+    # first matrices is what the linears save (DTensor's ColwiseParallel after
+    # PrepareModuleInput). Megatron saves the shard and re-gathers in backward (Sec. 4.2.2).
+    sp_saves_gathered_inputs: bool
+    # Dropout after attention and MLP for GELU (GPT) models: 1-byte masks (Table 2). The
+    # executor has no dropout.
+    dropout: bool
+    # The RoPE cos/sin tables [seq, head_dim/2] are made per block and micro-batch in the
+    # compute dtype and saved by the rotation's multiplies (executor/model.py rope_cos_sin).
+    rope_tables_saved: bool
+    # Autocast with fp32 master weights and no FSDP mixed precision (the executor at dp = 1):
+    # the residual stream is fp32 (the embedding runs in the weight's dtype) and autocast keeps
+    # a compute-dtype copy of every linear weight until backward.
+    fp32_residual_without_dp: bool
+    # Bytes per logit element alive at the loss's peak (its backward), measured on the
+    # executor's `loss_fn`: bf16 logits -> fp32 copy -> log-softmax (kept) -> fp32 gradients:
+    # 12 at tp = 1; DTensor's loss_parallel keeps more: 16 (tests/test_memory_parity.py).
+    loss_bytes_per_logit: float
+    loss_parallel_bytes_per_logit: float
+    # Of those, what stays from the loss's forward to its backward (the fp32 log-softmax
+    # output): a schedule that runs several forwards before the first backward (GPipe) keeps
+    # this per micro-batch on the last stage.
+    loss_saved_bytes_per_logit: float
+    # torch.distributed.pipelining keeps the last stage's output (the logits) in its forward
+    # cache until that micro-batch's backward.
+    pipeline_keeps_stage_output: bool
+    # torch.distributed.pipelining allocates a receive buffer per micro-batch and chunk for
+    # activations (non-first chunks) and for gradients (non-last chunks), kept across steps
+    # (stage.py `_make_tensor_from_meta` per `args_recv_info` / `grad_recv_info`). False: one
+    # send and one receive buffer (Megatron's p2p communication).
+    recv_buffer_per_micro_batch: bool
+    # Under torch pipelining an FSDP-wrapped stage turns gradient sync off until the last
+    # micro-batch and keeps parameters unsharded after backward (stage.py
+    # `set_requires_gradient_sync(False)`, `set_reshard_after_backward(False)`): gradients
+    # accumulate unsharded in the reduce dtype for every ZeRO stage, and ZeRO-3 keeps its
+    # parameters gathered, so ZeRO-2/3 save no memory with pp > 1.
+    pipelined_fsdp_unsharded: bool
+
+    def residual_bytes(self, compute_bytes: int, dp: int) -> int:
+        """Bytes per element of the residual stream between blocks (and across stages)."""
+        return 4 if self.fp32_residual_without_dp and dp == 1 else compute_bytes
+
+
+EXECUTOR_MEMORY = MemoryRules(
+    norm_input_bytes=4,
+    norm_stats=True,
+    sp_saves_gathered_inputs=True,
+    dropout=False,
+    rope_tables_saved=True,
+    fp32_residual_without_dp=True,
+    loss_bytes_per_logit=12.0,
+    loss_parallel_bytes_per_logit=16.0,
+    loss_saved_bytes_per_logit=4.0,
+    pipeline_keeps_stage_output=True,
+    recv_buffer_per_micro_batch=True,
+    pipelined_fsdp_unsharded=True,
+)
+
+# Megatron-LM as Korthikanti et al. 2022 count it (Table 2, Sec. 4.3): the analytic reference.
+MEGATRON_MEMORY = MemoryRules(
+    norm_input_bytes=None,
+    norm_stats=False,
+    sp_saves_gathered_inputs=False,
+    dropout=True,
+    rope_tables_saved=False,
+    fp32_residual_without_dp=False,
+    loss_bytes_per_logit=8.0,
+    loss_parallel_bytes_per_logit=8.0,
+    loss_saved_bytes_per_logit=4.0,
+    pipeline_keeps_stage_output=False,
+    recv_buffer_per_micro_batch=False,
+    pipelined_fsdp_unsharded=False,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +146,7 @@ class RuntimeSemantics:
     # ZeRO-1 runs as ZeRO-2 (FSDP2 has no mode with sharded optimizer state and replicated
     # gradients; executor/dp.py).
     zero1_runs_as_zero2: bool
+    memory: MemoryRules
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap_efficiency <= 1.0:
@@ -85,6 +174,7 @@ EXECUTOR = RuntimeSemantics(
     sharded_grads_reduce_every_micro_batch=True,
     reduce_per_chunk=True,
     zero1_runs_as_zero2=True,
+    memory=EXECUTOR_MEMORY,
 )
 
 MEGATRON_2021 = RuntimeSemantics(
@@ -96,4 +186,5 @@ MEGATRON_2021 = RuntimeSemantics(
     sharded_grads_reduce_every_micro_batch=False,
     reduce_per_chunk=False,
     zero1_runs_as_zero2=False,
+    memory=MEGATRON_MEMORY,
 )

@@ -1,15 +1,15 @@
-"""The physical topology of a cluster: GPUs, their links, and what a group's collective costs.
+"""The physical topology of a cluster: GPUs, their links, and which links a group runs on.
 
 Owns: `LinkModel` (per-GPU arrays of every link, from a profile's measured p2p matrix or from
 the cluster spec's link classes), `gpu_graph` (the same links as a networkx graph, for
-inspection, TP islands and explanations), and the link-level costs of collectives on arbitrary
-groups: the bottleneck of the best ring with NIC sharing, point-to-point hops, alpha-beta ring
-times.
+inspection, TP islands and explanations), and which link a group's collective or a
+point-to-point hop runs on: the bottleneck of the best ring with NIC sharing, hop links.
 `Slots` / `tp_slots`: the islands a TP group can occupy (the placement search's unit).
 `Surrogate`: a link-level step time of a rank map, cheap enough to guide the placement search
 on thousands of GPUs.
-Does not own: the cost model (planner/cost/, which scores the final placements), choosing
-placements (planner/placement.py).
+Does not own: the time formulas (planner/cost/collectives.py, the same ones the cost model
+calls), the cost model (planner/cost/, which scores the final placements), choosing placements
+(planner/placement.py).
 
 Link model (the same one `ClusterSpec.link_between` states):
 - two GPUs of one node talk over the node's intra link; GPUs of different nodes over the slower
@@ -30,8 +30,8 @@ from itertools import combinations
 
 import networkx as nx
 import numpy as np
-from numpy.typing import ArrayLike
 
+from planner.cost.collectives import CollectiveOp, collective_s, message_s
 from planner.parallel import ParallelConfig, Recompute
 from planner.profile import Profile
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
@@ -42,6 +42,7 @@ SURROGATE_MFU = 0.5
 # Weight of the mean rank end time next to the max in the surrogate objective, so moves that
 # shorten non-critical ranks are not plateaus for the search (dimensionless).
 TIE_WEIGHT = 1e-3
+AR, AG, RS = CollectiveOp.ALL_REDUCE, CollectiveOp.ALL_GATHER, CollectiveOp.REDUCE_SCATTER
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -330,22 +331,6 @@ def tp_slots(cluster: ClusterSpec, config: ParallelConfig, profile: Profile | No
     )
 
 
-def ring_allreduce_s(n: int, nbytes: ArrayLike, bw: ArrayLike, lat: ArrayLike) -> np.ndarray:
-    """Ring all-reduce of `nbytes` per rank over n ranks: 2(n-1) steps of nbytes/n each
-    (Patarasuk & Yuan 2009, Sec. 3; Thakur et al. 2005, Sec. 4.5): 2(n-1)(lat + nbytes/(n bw))."""
-    if n <= 1:
-        return np.zeros(np.broadcast(nbytes, bw, lat).shape)
-    return 2 * (n - 1) * (np.asarray(lat) + np.asarray(nbytes) / (n * np.asarray(bw)))
-
-
-def ring_gather_s(n: int, nbytes: ArrayLike, bw: ArrayLike, lat: ArrayLike) -> np.ndarray:
-    """Ring all-gather or reduce-scatter (nbytes = the full buffer): (n-1)(lat + nbytes/(n bw))
-    (Thakur et al. 2005, Sec. 4.1)."""
-    if n <= 1:
-        return np.zeros(np.broadcast(nbytes, bw, lat).shape)
-    return (n - 1) * (np.asarray(lat) + np.asarray(nbytes) / (n * np.asarray(bw)))
-
-
 class Surrogate:
     """Link-level step time of a (pp, dp, tp) array of GPU ids: a guide, not the cost model.
 
@@ -360,6 +345,8 @@ class Surrogate:
     micro-batch's backward it overlaps (Li et al. 2020, PyTorch DDP Sec. 3.2), plus the
     parameter all-gather for ZeRO-1/2, or for ZeRO-3 the per-micro-batch gathers beyond the
     compute that hides them (Rajbhandari et al. 2020 Sec. 5). Each axis's groups share NICs.
+    Collectives and hops are timed by planner/cost/collectives.py, as in the cost model (an
+    all-reduce takes NCCL's tree when that is faster than the ring).
     """
 
     def __init__(
@@ -408,7 +395,7 @@ class Surrogate:
         links, cfg = self.links, self.config
         speed = self.gpu_speed[rank_map].min(axis=2)
         tp_bw, tp_lat = links.ring_links(rank_map.reshape(pp * dp, tp))
-        tp_s = ring_allreduce_s(tp, self.act_bytes, tp_bw, tp_lat).reshape(pp, dp)
+        tp_s = np.asarray(collective_s(AR, tp, self.act_bytes, tp_bw, tp_lat)).reshape(pp, dp)
         bwd = self.bwd_flops[:, None] / speed + tp_s * self.tp_bwd[:, None]
         compute = self.work_flops[:, None] / speed
         stage = compute + tp_s * (self.tp_fwd + self.tp_bwd)[:, None]
@@ -417,7 +404,8 @@ class Surrogate:
             if self.v > 1:
                 src, dst = rank_map, np.roll(rank_map, -1, axis=0)
             bw, lat = links.pair_links(src.ravel(), dst.ravel(), shared=True)
-            hop = (lat + self.act_bytes / bw).reshape(src.shape).max(axis=2) * self.v
+            hop = np.asarray(message_s(self.act_bytes, bw, lat))
+            hop = hop.reshape(src.shape).max(axis=2) * self.v
             sends = np.zeros((pp, dp))
             sends[: hop.shape[0]] += hop
             sends[1 : hop.shape[0] + 1] += hop[: pp - 1]
@@ -430,15 +418,12 @@ class Surrogate:
         if dp > 1:
             bw, lat = links.ring_links(rank_map.transpose(0, 2, 1).reshape(pp * tp, dp))
             bw, lat = bw.reshape(pp, tp).min(axis=1), lat.reshape(pp, tp).max(axis=1)
-            if cfg.zero == 0:
-                sync = ring_allreduce_s(dp, self.grad_bytes, bw, lat)
-            else:
-                sync = ring_gather_s(dp, self.grad_bytes, bw, lat)
+            sync = collective_s(AR if cfg.zero == 0 else RS, dp, self.grad_bytes, bw, lat)
             exposed = np.maximum(0.0, sync - bwd.max(axis=1))
             if cfg.zero in (1, 2):
-                exposed = exposed + ring_gather_s(dp, self.param_bytes, bw, lat)
+                exposed = exposed + collective_s(AG, dp, self.param_bytes, bw, lat)
             elif cfg.zero == 3:
-                gather = ring_gather_s(dp, self.block_param_bytes, bw, lat)
+                gather = collective_s(AG, dp, self.block_param_bytes, bw, lat)
                 hidden = compute.min(axis=1)
                 exposed = exposed + self.m * np.maximum(0.0, 2 * gather - hidden)
             ends = ends + exposed

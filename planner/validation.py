@@ -2,26 +2,12 @@
 
 Owns: the validation records and report (`validation.json`), MAPE, Spearman rank correlation,
 "was the planner's top choice the measured best, and by how much did it lose", the median step
-time after warm-up, the `Corrections` a calibration fits, `apply_corrections` on an estimate's
-breakdown, and `calibrate` (fit on one subset of configurations, check on a held-out subset).
-Does not own: running the executor (cli/validate_cmd.py), the cost model (planner/cost/) or the
-profile format (planner/profile.py). Pure: no torch, no I/O except the JSON helpers at the end.
-
-How corrections act on a prediction (the cost model's breakdown terms, all seconds per step):
-  adjusted = predicted_step_time_s
-             + (compute_scale - 1) * (compute_s + bubble_s)
-             + (tp_comm_scale - 1) * tp_comm_s + (pp_comm_scale - 1) * pp_comm_s
-             + (dp_comm_scale * (1 - overlap_fraction) - 1) * dp_comm_s
-             + (optimizer_scale - 1) * optimizer_s
-             + step_overhead_s + micro_batch_overhead_s * micro_batch_slots
-             + dp_overhead_s * [dp > 1]
-with micro_batch_slots = m * v + pp - 1, the forward/backward op pairs on a 1F1B (or interleaved)
-critical path (m micro-batches, v virtual stages, pp pipeline ranks; Narayanan et al. 2021
-Sec. 2.2): an overhead paid per op pair is paid that many times per step.
-It is written as a change to the predicted step time, not as a re-summed breakdown, so identity
-corrections return the prediction exactly even when the cost model's step time is not the plain
-sum of its terms (it may already overlap DP communication with backward). The bubble scales with
-compute because a 1F1B bubble is (p - 1) stage compute times (Narayanan et al. 2021 Sec. 2.2).
+time after warm-up, and `calibrate` (fit `Corrections` on one subset of configurations, check
+them on a held-out subset), and reading the legacy `P.corrections.json` sidecar.
+Does not own: the factors and how they act on a prediction (planner/cost/corrections.py, whose
+names this module re-exports for its callers), running the executor (cli/validate_cmd.py), the
+cost model (planner/cost/) or the profile format (planner/profile.py). Pure: no torch, no I/O
+except the JSON helpers at the end.
 """
 
 from __future__ import annotations
@@ -35,13 +21,32 @@ from typing import Any
 
 import numpy as np
 
+from planner.cost.corrections import (
+    BREAKDOWN_KEYS,
+    CORRECTIONS_SCHEMA,
+    IDENTITY,
+    Corrections,
+    apply_corrections,
+    breakdown_of,
+    corrected_step_time_s,
+    micro_batch_slots,
+)
+from planner.cost.corrections import feature_row as _feature_row
 from planner.errors import FormatError, SpecError
 from planner.fileio import read_json_file
 
+__all__ = [
+    "BREAKDOWN_KEYS",
+    "CORRECTIONS_SCHEMA",
+    "IDENTITY",
+    "Corrections",
+    "apply_corrections",
+    "breakdown_of",
+    "corrected_step_time_s",
+    "micro_batch_slots",
+]
+
 VALIDATION_SCHEMA = "meshplan-validation/1"
-CORRECTIONS_SCHEMA = "meshplan-corrections/1"
-# Breakdown keys of `meshplan estimate --json` (issue 3 contract), seconds per step.
-BREAKDOWN_KEYS = ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "optimizer_s")
 # Ridge strength of the calibration fit, in squared relative step-time error per squared unit
 # change of a factor (a scale moving by 1, an overhead by one median step): a factor moves only
 # where that buys about 10 % of relative error on one configuration, so a factor whose term is
@@ -52,87 +57,8 @@ DEFAULT_RIDGE = 1e-2
 SCALE_RANGE = (0.05, 20.0)
 # Sweeps of the coordinate-descent fit; 7 variables converge in far fewer (dimensionless).
 COORDINATE_SWEEPS = 10000
-
-
-@dataclass(frozen=True, kw_only=True)
-class Corrections:
-    """Correction factors fitted from measurements on one machine (defaults: no correction).
-
-    compute_scale: measured / predicted block compute (profile timings in isolation vs inside
-        the training loop: caches, threads, allocator); also scales the pipeline bubble.
-    tp_comm_scale: measured / predicted time of the tensor-parallel collectives.
-    pp_comm_scale: measured / predicted time of the pipeline p2p transfers.
-    dp_comm_scale: measured / predicted time of the data-parallel gradient collectives.
-    overlap_fraction: extra fraction of the (scaled) DP communication hidden behind backward.
-        Step times only identify dp_comm_scale * (1 - overlap_fraction); the fit reports a
-        product below 1 as overlap with scale 1, and a product above 1 as scale with no overlap.
-    optimizer_scale: measured / predicted optimizer step.
-    step_overhead_s: fixed time per step the model does not price (Python, launch, scheduler).
-    micro_batch_overhead_s: time per micro-batch slot (see `micro_batch_slots`) the model does
-        not price: Python dispatch, autograd and hook work of each forward/backward pair.
-    dp_overhead_s: exposed data-parallel time per step (dp > 1 only) that the model prices as
-        hidden behind backward: gradient synchronisation that cannot overlap (on a CPU host the
-        collective competes for the same cores) and the data-parallel wrapper's hooks.
-    """
-
-    compute_scale: float = 1.0
-    tp_comm_scale: float = 1.0
-    pp_comm_scale: float = 1.0
-    dp_comm_scale: float = 1.0
-    overlap_fraction: float = 0.0
-    optimizer_scale: float = 1.0
-    step_overhead_s: float = 0.0
-    micro_batch_overhead_s: float = 0.0
-    dp_overhead_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(f"corrections.{f.name}={value!r} must be a number")
-            if not math.isfinite(value):
-                raise SpecError(f"corrections.{f.name}={value!r} must be finite")
-            if f.name.endswith("_scale") and value <= 0:
-                raise SpecError(f"corrections.{f.name}={value!r} must be > 0")
-            if f.name.endswith("overhead_s") and value < 0:
-                raise SpecError(f"corrections.{f.name}={value!r} must be >= 0")
-        if not 0.0 <= self.overlap_fraction <= 1.0:
-            raise SpecError(
-                f"corrections.overlap_fraction={self.overlap_fraction!r} must be in [0, 1]"
-            )
-
-
-IDENTITY = Corrections()
-
-
-def breakdown_of(estimate: dict[str, Any]) -> dict[str, float]:
-    """The six breakdown terms of an estimate's JSON (missing terms are 0)."""
-    raw = estimate.get("breakdown") or {}
-    if not isinstance(raw, dict):
-        raise FormatError("estimate.breakdown: expected an object")
-    return {k: float(raw.get(k, 0.0) or 0.0) for k in BREAKDOWN_KEYS}
-
-
-def micro_batch_slots(num_micro_batches: int, pp: int, virtual_stages: int = 1) -> int:
-    """Forward/backward op pairs on the critical path of a step: m * v + pp - 1."""
-    return num_micro_batches * virtual_stages + pp - 1
-
-
-def _feature_row(terms: dict[str, float], slots: int, dp: int = 1) -> list[float]:
-    """Columns of the fit, in the order of `_FACTORS` (the overheads' columns are 1 s,
-    `slots` s and [dp > 1] s)."""
-    return [
-        terms["compute_s"] + terms["bubble_s"],
-        terms["tp_comm_s"],
-        terms["pp_comm_s"],
-        terms["dp_comm_s"],
-        terms["optimizer_s"],
-        1.0,
-        float(slots),
-        1.0 if dp > 1 else 0.0,
-    ]
-
-
+# The fitted variables, in the column order of corrections.feature_row; dp_comm_effective is
+# dp_comm_scale * (1 - overlap_fraction), the product step times identify.
 _FACTORS = (
     "compute_scale",
     "tp_comm_scale",
@@ -144,81 +70,6 @@ _FACTORS = (
     "dp_overhead_s",
 )
 _SCALES = 5  # the first five factors are scales, the rest overheads
-
-
-def _deltas(c: Corrections) -> list[float]:
-    return [
-        c.compute_scale - 1.0,
-        c.tp_comm_scale - 1.0,
-        c.pp_comm_scale - 1.0,
-        c.dp_comm_scale * (1.0 - c.overlap_fraction) - 1.0,
-        c.optimizer_scale - 1.0,
-        c.step_overhead_s,
-        c.micro_batch_overhead_s,
-        c.dp_overhead_s,
-    ]
-
-
-def corrected_step_time_s(
-    predicted_step_time_s: float,
-    terms: dict[str, float],
-    c: Corrections,
-    slots: int = 0,
-    dp: int = 1,
-) -> float:
-    """The module docstring's formula on plain numbers."""
-    row = _feature_row(terms, slots, dp)
-    return predicted_step_time_s + sum(x * d for x, d in zip(row, _deltas(c), strict=True))
-
-
-def apply_corrections(
-    estimate: dict[str, Any],
-    corrections: Corrections,
-    *,
-    slots: int | None = None,
-    dp: int | None = None,
-) -> dict[str, Any]:
-    """A copy of an estimate's JSON with its step time and breakdown corrected.
-
-    `slots` is `micro_batch_slots(...)` of the estimate's configuration; it is required when
-    `micro_batch_overhead_s` is not 0, and `dp` the data-parallel degree when `dp_overhead_s`
-    is not 0 (the estimate's JSON carries neither m, pp, v nor dp).
-    `step_time_s` and `tokens_per_s` are adjusted; the breakdown terms are scaled (dp_comm_s by
-    dp_comm_scale * (1 - overlap_fraction), bubble_s by compute_scale) and `step_overhead_s`
-    added; the original step time is kept as `uncorrected_step_time_s` and the factors under
-    `corrections`, so the output says it was corrected.
-    """
-    terms = breakdown_of(estimate)
-    if "step_time_s" not in estimate:
-        raise FormatError("estimate: missing step_time_s")
-    c = corrections
-    if c.micro_batch_overhead_s and slots is None:
-        raise SpecError("apply_corrections: micro_batch_overhead_s needs the micro-batch slots")
-    if c.dp_overhead_s and dp is None:
-        raise SpecError("apply_corrections: dp_overhead_s needs the data-parallel degree")
-    before = float(estimate["step_time_s"])
-    after = corrected_step_time_s(before, terms, c, slots or 0, dp or 1)
-    scale = {
-        "compute_s": c.compute_scale,
-        "bubble_s": c.compute_scale,
-        "tp_comm_s": c.tp_comm_scale,
-        "pp_comm_s": c.pp_comm_scale,
-        "dp_comm_s": c.dp_comm_scale * (1.0 - c.overlap_fraction),
-        "optimizer_s": c.optimizer_scale,
-    }
-    out = dict(estimate)
-    out["breakdown"] = {
-        **(estimate.get("breakdown") or {}),
-        **{k: terms[k] * scale[k] for k in BREAKDOWN_KEYS},
-        "step_overhead_s": c.step_overhead_s + c.micro_batch_overhead_s * (slots or 0),
-        "dp_overhead_s": c.dp_overhead_s if (dp or 1) > 1 else 0.0,
-    }
-    out["uncorrected_step_time_s"] = before
-    out["step_time_s"] = after
-    if estimate.get("tokens_per_s") and after > 0:
-        out["tokens_per_s"] = float(estimate["tokens_per_s"]) * before / after
-    out["corrections"] = asdict(c)
-    return out
 
 
 # ---------------------------------------------------------------- records and metrics

@@ -15,9 +15,11 @@ micro-batch; TP collectives are not in the block (they are priced from link meas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,6 +108,39 @@ def build_block(
     return module.train()
 
 
+def build_tp_block(
+    spec: ModelSpec, case: ComputeCase, device: torch.device, dtype: Dtype, tp_mesh: object
+) -> nn.Module:
+    """The executor's block at full shapes, sharded over `tp_mesh` by the executor's own
+    `apply_tp` (DTensor, its collectives included), as one chunk of a `Transformer` holding
+    only this part; it takes and returns plain tensors (the head returns vocab-sharded
+    DTensor logits, whose loss runs under `loss_parallel`)."""
+    from executor import model
+    from executor.tp import apply_tp
+
+    with torch.device("meta"):
+        full = model.Transformer(spec, tie_embeddings=False)
+    if case.block is not BlockKind.EMBEDDING:
+        full.embed = None
+    if case.block is not BlockKind.HEAD_AND_LOSS:
+        full.head = None
+    for key in list(full.layers.keys()):
+        if case.block is not BlockKind.TRANSFORMER_BLOCK or key != "0":
+            del full.layers[key]
+    apply_tp(full, tp_mesh, sequence_parallel=False)  # type: ignore[arg-type]
+    full.to_empty(device=device)
+    model.init_weights(full, 0)
+    full = full.to(dtype=dev.TORCH_DTYPES[dtype])
+    part: nn.Module
+    if case.block is BlockKind.EMBEDDING:
+        part = full.embed  # type: ignore[assignment]
+    elif case.block is BlockKind.HEAD_AND_LOSS:
+        part = full.head  # type: ignore[assignment]
+    else:
+        part = _apply_recompute(full.layers["0"], case.recompute)
+    return part.train()
+
+
 def _loss_fn() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     from executor import model
 
@@ -124,9 +159,12 @@ class _Step:
         device: torch.device,
         dtype: Dtype,
         seq_len: int,
+        tp_as_run: bool = False,
     ) -> None:
         self.case, self.module = case, module
-        shard = spec.tp_shard(case.tp)
+        # under the executor's TP the block takes the full hidden and the full vocab of ids
+        shard = spec if tp_as_run else spec.tp_shard(case.tp)
+        self.context = _loss_context(case.tp if tp_as_run else 1, case.block)
         mb, seq = case.micro_batch, seq_len
         self.loss_fn = _loss_fn() if case.block is BlockKind.HEAD_AND_LOSS else None
         torch_dtype = dev.TORCH_DTYPES[dtype]
@@ -141,22 +179,33 @@ class _Step:
         self.out: torch.Tensor | None = None
 
     def forward(self) -> None:
-        out = self.module(self.input)
-        if self.loss_fn is not None:
-            out = self.loss_fn(out, self.targets)
+        with self.context():
+            out = self.module(self.input)
+            if self.loss_fn is not None:
+                out = self.loss_fn(out, self.targets)
         self.out = out
 
     def backward(self) -> None:
         assert self.out is not None
-        if self.loss_fn is not None:
-            self.out.backward()
-        else:
-            if self.grad_out is None:
-                self.grad_out = torch.randn_like(self.out)
-            self.out.backward(self.grad_out)
+        with self.context():
+            if self.loss_fn is not None:
+                self.out.backward()
+            else:
+                if self.grad_out is None:
+                    self.grad_out = torch.randn_like(self.out)
+                self.out.backward(self.grad_out)
         self.out = None
         if self.input.is_floating_point():
             self.input.grad = None
+
+
+def _loss_context(tp: int, block: BlockKind) -> Callable[[], Any]:
+    """The executor's loss_parallel around the head's forward and backward under TP."""
+    from executor.tp import loss_context
+
+    if block is BlockKind.HEAD_AND_LOSS:
+        return lambda: loss_context(tp)
+    return contextlib.nullcontext
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int]:
@@ -190,17 +239,26 @@ def measure_case(
     settings: ComputeSettings,
     device: torch.device,
     device_name: str,
+    tp_mesh: object | None = None,
 ) -> ComputeRecord:
-    """Time one case: `warmup` untimed steps, then `repeats` timed forward and backward calls."""
+    """Time one case: `warmup` untimed steps, then `repeats` timed forward and backward calls.
+    With `tp_mesh` (tp > 1) the timed block is the executor's DTensor TP block over that mesh,
+    its TP collectives included (`ComputeRecord.tp_collectives_included`); the saved bytes are
+    counted on the plain sharded block either way (saved-tensor hooks see plain tensors)."""
     module = build_block(spec, case, device, settings.dtype)
     step = _Step(spec, case, module, device, settings.dtype, settings.seq_len)
+    as_run = tp_mesh is not None and case.tp > 1
+    timed = step
+    if as_run:
+        tp_module = build_tp_block(spec, case, device, settings.dtype, tp_mesh)
+        timed = _Step(spec, case, tp_module, device, settings.dtype, settings.seq_len, True)
     for _ in range(settings.warmup):
-        step.forward()
-        step.backward()
+        timed.forward()
+        timed.backward()
     fwd, bwd = [], []
     for _ in range(settings.repeats):
-        fwd.append(dev.time_region(device, step.forward))
-        bwd.append(dev.time_region(device, step.backward))
+        fwd.append(dev.time_region(device, timed.forward))
+        bwd.append(dev.time_region(device, timed.backward))
     baseline = dev.reset_peak_memory(device)
     activation = saved_activation_bytes(step)
     peak = dev.peak_memory_since(device, baseline)
@@ -220,6 +278,7 @@ def measure_case(
         parameter_bytes=params,
         repeats=settings.repeats,
         peak_memory_bytes=peak,
+        tp_collectives_included=True if as_run else None,
     )
 
 
@@ -230,6 +289,7 @@ def measure_all(
     device_name: str,
     *,
     should_stop: Callable[[], bool] = lambda: False,
+    tp_meshes: dict[int, object] | None = None,
 ) -> Iterator[tuple[ComputeRecord, ...]]:
     """Yield the records of one case at a time; stops early when `should_stop()` says the budget
     is spent.
@@ -240,11 +300,12 @@ def measure_all(
     A case that runs out of device memory is skipped with a warning (the planner treats a
     missing size as not measured), never recorded with made-up numbers.
     """
+    meshes = tp_meshes or {}
     for case in compute_cases(spec, settings):
         if should_stop():
             return
         try:
-            record = measure_case(spec, case, settings, device, device_name)
+            record = measure_case(spec, case, settings, device, device_name, meshes.get(case.tp))
         except torch.OutOfMemoryError:
             log.warning(
                 "out of memory: %s tp=%d mb=%d recompute=%s skipped",

@@ -147,6 +147,13 @@ def merge_profiles(sources: Sequence[tuple[str, Profile]]) -> tuple[Profile, lis
             compute.append(rec)
     if dropped:
         notes.append(f"{dropped} compute record(s) measured on more than one node: kept the first")
+    optimizer, seen_opt = [], set()
+    for _, prof in sources:
+        for o in prof.optimizer or ():
+            key_o = (o.device_name, o.block, o.tp, o.distributed)
+            if key_o not in seen_opt:
+                seen_opt.add(key_o)
+                optimizer.append(o)
 
     p2p, seen_pairs = [], {}
     colls, seen_colls = [], {}
@@ -204,6 +211,8 @@ def merge_profiles(sources: Sequence[tuple[str, Profile]]) -> tuple[Profile, lis
         compute=tuple(compute),
         p2p=tuple(sorted(p2p, key=lambda r: (r.src, r.dst))),
         collectives=tuple(colls),
+        optimizer=tuple(optimizer) or None,
+        dp_sync=tuple(r for _, prof in sources for r in prof.dp_sync or ()) or None,
     )
     return merged, notes
 
@@ -227,6 +236,12 @@ def split_by_host(profile: Profile) -> dict[str, Profile]:
                 for r in profile.compute
                 if first_host_of_device.get(r.device_name, profile.gpus[0].host) == host
             ),
+            optimizer=tuple(
+                o
+                for o in profile.optimizer or ()
+                if first_host_of_device.get(o.device_name, profile.gpus[0].host) == host
+            )
+            or None,
             p2p=tuple(r for r in profile.p2p if host_of[r.src] == host),
             collectives=tuple(c for c in profile.collectives if host_of[c.gpu_ids[0]] == host),
         )

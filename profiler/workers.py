@@ -27,12 +27,22 @@ import torch
 import torch.distributed as dist
 
 from planner.errors import MeshplanError, SpecError
-from planner.profile import SCHEMA_VERSION, ComputeRecord, Profile, ProfileGpu, ProfileMeta
+from planner.profile import (
+    SCHEMA_VERSION,
+    ComputeRecord,
+    DpSyncRecord,
+    OptimizerRecord,
+    Profile,
+    ProfileGpu,
+    ProfileMeta,
+)
 from planner.serialize import dumps
 from planner.specs import DeviceKind
 from profiler import compute as compute_mod
 from profiler import device as dev
+from profiler import dp_sync as dp_sync_mod
 from profiler import links
+from profiler import optimizer as optimizer_mod
 from profiler.progress import NullReporter, QueueReporter, Reporter, RichReporter
 from profiler.settings import ProfileSettings
 
@@ -87,7 +97,12 @@ def method_text(settings: ProfileSettings, device: torch.device, threads: int) -
         "bytes = tensors saved for backward (saved_tensors_hooks) de-duplicated by storage, "
         "parameters excluded; peak memory (GPU "
         "only) = max allocated during one fwd+bwd above the allocation before it; TP "
-        "collectives excluded. "
+        "collectives excluded, except on a one-node profile, where tp > 1 blocks are timed under "
+        "the executor's DTensor TP over the node's workers (collectives and DTensor dispatch "
+        "included, tp_collectives_included). optimizer: the executor's AdamW.step over one block's "
+        "parameters (plain and as DTensors), same warm-up and repeats, median and IQR. "
+        "dp sync (CPU, one node): each block kind under the executor's replicate over the "
+        "node's workers, backward with gradient sync on minus off (medians). "
         f"p2p: ping-pong, one-way = half the round trip, both directions recorded from one "
         f"measurement; pairs scheduled in rounds (round-robin in a node, recursive halving "
         f"across nodes). collectives: sizes {sizes} bytes (nccl-tests size), "
@@ -107,6 +122,27 @@ def _unique_hosts(ranks: list[RankInfo]) -> list[RankInfo]:
         replace(r, host=f"{r.host}-node{r.node_rank}") if len(nodes_of_host[r.host]) > 1 else r
         for r in ranks
     ]
+
+
+def _tp_meshes(
+    place: WorkerPlace, settings: ProfileSettings, device: torch.device
+) -> dict[int, Any]:
+    """One TP DeviceMesh per profiled tp > 1 that divides the world, so TP blocks are timed as
+    the executor runs them (DTensor, collectives included). Only for a one-node profile, where
+    every rank measures compute and so every rank can join the groups; {} otherwise (the plain
+    sharded blocks are timed and the collectives priced from the links)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if place.world != place.local_world:
+        return {}
+    out = {}
+    for tp in settings.compute.tps:
+        if tp > 1 and place.world % tp == 0:
+            mesh = init_device_mesh(
+                device.type, (place.world // tp, tp), mesh_dim_names=("r", "tp")
+            )
+            out[tp] = mesh["tp"]
+    return out
 
 
 def worker_body(
@@ -151,23 +187,60 @@ def worker_body(
     measures = settings.measure_compute and first_node_of_type[info.name] == place.node_rank
     keeps = measures and place.local_rank == 0
     records: list[ComputeRecord] = []
+    opt_records: list[OptimizerRecord] = []
+    sync_records: list[DpSyncRecord] = []
     cut: list[str] = []
     if measures:
         cases = compute_mod.compute_cases(settings.model, settings.compute)
         if keeps:
             reporter.phase("compute", len(cases))
         done = 0
+        meshes = _tp_meshes(place, settings, device)
+
+        def compute_stop() -> bool:
+            late = compute_deadline is not None and time.time() > compute_deadline
+            # TP cases run collectives: every rank must leave at the same case
+            return links.agreed_stop(lambda: late, device) if meshes else late
+
         for batch in compute_mod.measure_all(
             settings.model,
             settings.compute,
             device,
             info.name,
-            should_stop=lambda: compute_deadline is not None and time.time() > compute_deadline,
+            should_stop=compute_stop,
+            tp_meshes=meshes,
         ):
             done += 1
             if keeps:
                 records.extend(batch)
                 reporter.advance("compute")
+        # the optimizer step on every measuring worker at once too, as training runs it
+        steps = optimizer_mod.measure_optimizer(
+            settings.model,
+            settings.compute,
+            device,
+            info.name,
+            should_stop=lambda: compute_deadline is not None and time.time() > compute_deadline,
+        )
+        if keeps:
+            opt_records = steps
+        if settings.device_kind is DeviceKind.CPU and place.world == place.local_world > 1:
+            # every rank of the one node measures, so all can join the unit's all-reduce
+            from torch.distributed.device_mesh import DeviceMesh
+
+            syncs = dp_sync_mod.measure_dp_sync(
+                settings.model,
+                settings.compute,
+                device,
+                info.name,
+                DeviceMesh(device.type, list(range(place.world))),
+                should_stop=lambda: links.agreed_stop(
+                    lambda: compute_deadline is not None and time.time() > compute_deadline,
+                    device,
+                ),
+            )
+            if keeps:
+                sync_records = syncs
         if keeps and done < len(cases):
             cut.append(f"compute on {place.host} after {done} of {len(cases)} cases")
             reporter.note(
@@ -207,7 +280,9 @@ def worker_body(
 
     gathered: list[Any] = [None] * place.world if place.rank == 0 else []
     dist.gather_object(
-        (records, p2p_samples, coll_samples, cut), gathered if place.rank == 0 else None, dst=0
+        (records, p2p_samples, coll_samples, cut, opt_records, sync_records),
+        gathered if place.rank == 0 else None,
+        dst=0,
     )
     if place.rank != 0:
         return None, my_host
@@ -215,6 +290,8 @@ def worker_body(
     all_p2p = [s for part in gathered for s in part[1]]
     all_coll = [s for part in gathered for s in part[2]]
     all_cut = [c for part in gathered for c in part[3]]
+    all_opt = [o for part in gathered for o in part[4]]
+    all_sync = [o for part in gathered for o in part[5]]
     gpus = tuple(
         ProfileGpu(
             gpu_id=gpu_id,
@@ -246,6 +323,8 @@ def worker_body(
         compute=tuple(all_records),
         p2p=tuple(links.p2p_records(all_p2p, gpu_of_rank)),
         collectives=tuple(links.collective_records(all_coll, gpu_of_rank)),
+        optimizer=tuple(all_opt) or None,
+        dp_sync=tuple(all_sync) or None,
     )
     return profile, my_host
 

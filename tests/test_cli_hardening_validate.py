@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from cli.main import main
 from cli.plan_report import write_plan_report
 from planner.errors import SpecError
 from planner.plan import build_plan, save_plan
-from planner.profile import profile_sha256, save_profile
+from planner.profile import load_profile, profile_sha256, save_profile
 from planner.specs import Dtype
 from planner.validation import (
     Corrections,
@@ -234,8 +235,12 @@ def test_calibrate_writes_whole_files(tmp_path, capsys, calibration_inputs) -> N
     report, profile = calibration_inputs
     out = tmp_path / "p2.json"
     assert _calibrate(report, profile, out) == 0
-    assert out.read_bytes() == profile.read_bytes()
-    assert json.loads(corrections_path(out).read_text())["corrections"]["compute_scale"] > 1
+    # a new profile: the input's records plus the fitted corrections; the input is untouched
+    calibrated, original = load_profile(out), load_profile(profile)
+    assert calibrated.corrections is not None and original.corrections is None
+    assert calibrated.corrections.factors.compute_scale > 1
+    assert replace(calibrated, corrections=None) == original
+    assert not corrections_path(out).exists()  # no sidecar any more
     assert json.loads((report.parent / "calibration.json").read_text())["fit_labels"]
     leftovers = [
         p.name for d in (tmp_path, report.parent) for p in d.iterdir() if p.name.startswith(".")

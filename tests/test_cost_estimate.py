@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from cli_helpers import tiny_cpu_profile
 
 import presets
 from planner.cost.estimate import estimate, split_problem
@@ -268,3 +269,109 @@ def test_estimate_on_4096_gpus_fits() -> None:
     config = ParallelConfig(tp=8, pp=8, dp=64, micro_batch=1, recompute="full")
     est = estimate(LLAMA70, training, cluster, config)
     assert est.fits and est.stages[0].time_s > 0
+
+
+def _with_optimizer_and_tp_records(model, included: bool):  # type: ignore[no-untyped-def]
+    """_profile plus measured optimizer steps (plain and DTensor) and, optionally, its TP
+    block records marked as timed with their collectives."""
+    from planner.profile import OptimizerRecord
+
+    base = _profile(model)
+    opt = tuple(
+        OptimizerRecord(
+            block=kind,
+            device_name="NVIDIA A100-SXM4-80GB",
+            tp=2,
+            distributed=dist,
+            step_s={"embedding": 0.01, "transformer_block": 0.1, "head_and_loss": 0.02}[kind.value]
+            * (3 if dist else 1),
+            step_spread_s=0.0,
+            parameter_bytes=10,
+            parameter_tensors=4,
+            repeats=3,
+        )
+        for kind in BlockKind
+        for dist in (False, True)
+    )
+    compute = tuple(
+        replace(r, tp_collectives_included=True if included else None) for r in base.compute
+    )
+    return replace(base, compute=compute, optimizer=opt)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_measured_optimizer_step_replaces_the_bandwidth_price(zero: int) -> None:
+    """The step is the blocks' measured DTensor steps (dp > 1); ZeRO sharding divides only
+    the bytes / bandwidth part (compute.OptimizerTimes.rank_step_s)."""
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("dgx-a100-80gb", 1)
+    training = TrainingSpec(global_batch=24, seq_len=128)
+    config = ParallelConfig(tp=2, pp=1, dp=4, micro_batch=2, zero=zero)
+    plain = estimate(model, training, cluster, config, _profile(model))
+    est = estimate(model, training, cluster, config, _with_optimizer_and_tp_records(model, False))
+    measured = 3 * (model.layers * 0.1 + 0.01 + 0.02)
+    bandwidth = plain.breakdown.optimizer_s * (4 if zero else 1)
+    want = measured - bandwidth + bandwidth / (4 if zero else 1)
+    assert est.breakdown.optimizer_s == pytest.approx(want)
+    assert est.breakdown.compute_s == plain.breakdown.compute_s
+    assert est.step_time_s - plain.step_time_s == pytest.approx(want - plain.breakdown.optimizer_s)
+
+
+def test_blocks_timed_with_their_tp_collectives_are_not_charged_them_twice() -> None:
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("dgx-a100-80gb", 1)
+    training = TrainingSpec(global_batch=24, seq_len=128)
+    config = ParallelConfig(tp=2, pp=1, dp=4, micro_batch=2)
+    plain = estimate(model, training, cluster, config, _with_optimizer_and_tp_records(model, False))
+    timed = estimate(model, training, cluster, config, _with_optimizer_and_tp_records(model, True))
+    assert plain.breakdown.tp_comm_s > 0
+    # the blocks' all-reduces are gone; the embedding and head (analytic here) keep theirs
+    assert 0 < timed.breakdown.tp_comm_s < plain.breakdown.tp_comm_s
+    assert timed.breakdown.compute_s == plain.breakdown.compute_s
+    assert any("TP collectives measured inside the profiled block" in n for n in timed.notes)
+
+
+def test_measured_dp_unit_sync_prices_zero0_on_cpu_workers() -> None:
+    """On CPU workers nothing overlaps, so the exposed sync is every FSDP unit's measured sync:
+    the blocks' and the root unit's (embedding + head), once per step at ZeRO-0; at ZeRO-2 the
+    records (measured under replicate) are not used."""
+    from planner.profile import DpSyncRecord
+
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("cpu-2")
+    training = TrainingSpec(global_batch=8, seq_len=128, dtype=Dtype.FP32)
+    block = _profile(model, "cpu").compute[0]
+    compute = tuple(
+        replace(block, block=kind, micro_batch=mb) for kind in BlockKind for mb in (1, 2, 4)
+    )
+    sync = {"embedding": 0.003, "transformer_block": 0.008, "head_and_loss": 0.007}
+    base = replace(
+        tiny_cpu_profile(2),
+        meta=replace(tiny_cpu_profile(2).meta, model=model),
+        compute=compute,
+    )
+    measured = replace(
+        base,
+        dp_sync=tuple(
+            DpSyncRecord(
+                block=k,
+                device_name="cpu",
+                group_size=2,
+                sync_s=sync[k.value],
+                sync_spread_s=0.0,
+                gradient_bytes=1,
+                repeats=3,
+            )
+            for k in BlockKind
+        ),
+    )
+    config = ParallelConfig(tp=1, pp=1, dp=2, micro_batch=1)
+    est = estimate(model, training, cluster, config, measured)
+    want = model.layers * 0.008 + 0.003 + 0.007
+    assert est.breakdown.dp_comm_s == pytest.approx(want)
+    raw = estimate(model, training, cluster, config, base)
+    assert raw.breakdown.dp_comm_s != pytest.approx(want)
+    z2 = replace(config, zero=2)
+    assert estimate(model, training, cluster, z2, measured).breakdown.dp_comm_s == pytest.approx(
+        estimate(model, training, cluster, z2, base).breakdown.dp_comm_s
+    )

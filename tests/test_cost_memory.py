@@ -1,4 +1,7 @@
-"""Memory formulas pinned against hand-computed cases (Korthikanti et al. 2022 Table 2; ZeRO)."""
+"""Memory formulas pinned against hand-computed cases (Korthikanti et al. 2022 Table 2; ZeRO).
+
+Table 2 is Megatron's runtime (`MEGATRON_MEMORY`); the executor's own rules are checked
+against its saved tensors in tests/test_memory_parity.py."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import pytest
 
 from planner.cost import memory
 from planner.hf import model_from_fields
+from planner.runtime import MEGATRON_MEMORY
 from planner.specs import Dtype
 
 # GPT shape: h=256, a=8 heads, ffn=4h, dropout; s=128, b=2 -> sbh = 65536
@@ -27,6 +31,7 @@ def act(tp: int, sp: bool, recompute: str, flash: bool = False) -> float:
         recompute=recompute,
         flash_attention=flash,
         dtype=Dtype.BF16,
+        rules=MEGATRON_MEMORY,
     )
 
 
@@ -86,6 +91,7 @@ def test_gqa_swiglu_no_dropout() -> None:
         recompute="none",
         flash_attention=True,
         dtype=Dtype.BF16,
+        rules=MEGATRON_MEMORY,
     )
     # per token: norms+inputs 4*2*256=2048; Q,K 2*(256+64)=640; V 2*64=128; O 2*256=512;
     # SwiGLU gate, up, silu(gate), product 4*2*512=4096; LSE 4*8=32  -> 7456 bytes/token
@@ -129,3 +135,23 @@ def test_in_flight_per_schedule() -> None:
     # Korthikanti Eq. 5: first stage holds p micro-batches of L/p layers times (1 + (p-1)/(pv));
     # per chunk of L/(pv) layers over v chunks that is p + (p-1)/v micro-batches
     assert first == pytest.approx(p * (1 + (p - 1) / (p * v)))
+
+
+def test_pipeline_receive_buffers_per_micro_batch_and_chunk() -> None:
+    # 1F1B, pp 4, m 8: the first rank receives only gradients, the last only activations
+    got = [
+        memory.pipeline_buffer_bytes(1.0, pp=4, virtual_stages=1, num_micro_batches=8, pp_rank=r)
+        for r in range(4)
+    ]
+    assert got == [8.0, 16.0, 16.0, 8.0]
+    # interleaved v 2: rank 0 holds chunks 0 and 4 (of 8): 1 + 2 buffers per micro-batch
+    assert (
+        memory.pipeline_buffer_bytes(1.0, pp=4, virtual_stages=2, num_micro_batches=8, pp_rank=0)
+        == 24.0
+    )
+    assert (
+        memory.pipeline_buffer_bytes(
+            1.0, pp=4, virtual_stages=2, num_micro_batches=8, pp_rank=0, rules=MEGATRON_MEMORY
+        )
+        == 2.0
+    )

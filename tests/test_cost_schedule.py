@@ -120,3 +120,80 @@ def test_every_op_runs_once() -> None:
             assert len(ops) == 2 * 8 * v
             assert len(set(ops)) == len(ops)
             assert all(c % 4 == r for _, c, _ in ops)
+
+
+def _random_case(rng: random.Random, pp: int, v: int) -> dict:
+    c = pp * v
+    f = tuple(rng.uniform(0.5, 2.0) for _ in range(c))
+    return dict(
+        pp=pp,
+        virtual_stages=v,
+        fwd_s=f,
+        bwd_s=tuple(2 * x + rng.uniform(0, 1) for x in f),
+        p2p_s=tuple(rng.choice((0.0, rng.uniform(0.01, 0.3))) for _ in range(c - 1)),
+    )
+
+
+@pytest.mark.parametrize("sched,v", [("1f1b", 1), ("interleaved", 2), ("gpipe", 1)])
+def test_trace_is_the_simulation(sched: str, v: int) -> None:
+    """The trace (what the report's timeline draws) is the simulated schedule itself: its last
+    op ends at the makespan, each rank's at its finish time, every op runs once for its chunk
+    time, after its producer plus the p2p time, and never overlaps its rank's other ops."""
+    rng = random.Random(7)
+    for pp in (1, 2, 4):
+        m = 3 * pp
+        kw = _random_case(rng, pp, v)
+        plain = S.simulate(sched, num_micro_batches=m, **kw)
+        traced = S.simulate(sched, num_micro_batches=m, trace=True, **kw)
+        assert traced.makespan_s == plain.makespan_s
+        assert traced.rank_finish_s == plain.rank_finish_s
+        assert plain.trace == ()
+        ops = [o for o in traced.trace if o.kind is not S.OpKind.P2P]
+        assert max(o.end_s for o in ops) == traced.makespan_s
+        for r in range(pp):
+            mine = sorted((o.start_s, o.end_s) for o in ops if o.rank == r)
+            assert mine[-1][1] == traced.rank_finish_s[r]
+            assert all(a[1] <= b[0] for a, b in zip(mine, mine[1:], strict=False))
+        end = {(o.kind, o.chunk, o.micro_batch): o for o in ops}
+        assert len(end) == len(ops) == 2 * pp * v * m
+        last = pp * v - 1
+        for o in ops:
+            fwd = o.kind is S.OpKind.FORWARD
+            assert o.rank == o.chunk % pp
+            want = (kw["fwd_s"] if fwd else kw["bwd_s"])[o.chunk]
+            assert o.end_s - o.start_s == pytest.approx(want, rel=1e-12)
+            if fwd and o.chunk > 0:
+                prev = end[(S.OpKind.FORWARD, o.chunk - 1, o.micro_batch)].end_s
+                assert o.start_s >= prev + kw["p2p_s"][o.chunk - 1] - 1e-12
+            elif not fwd:
+                key = (S.OpKind.BACKWARD, o.chunk + 1, o.micro_batch)
+                prev = end[key].end_s + kw["p2p_s"][o.chunk] if o.chunk < last else 0.0
+                assert o.start_s >= prev - 1e-12
+                assert o.start_s >= end[(S.OpKind.FORWARD, o.chunk, o.micro_batch)].end_s
+        # a p2p wait comes just before the op it feeds: from its producer's end, for p2p_s
+        waits = 0
+        for w, op in zip(traced.trace, traced.trace[1:], strict=False):
+            if w.kind is not S.OpKind.P2P:
+                continue
+            waits += 1
+            fwd = op.kind is S.OpKind.FORWARD
+            src, hop = (op.chunk - 1, op.chunk - 1) if fwd else (op.chunk + 1, op.chunk)
+            assert (w.rank, w.chunk, w.micro_batch) == (op.rank, op.chunk, op.micro_batch)
+            assert w.start_s == end[(op.kind, src, op.micro_batch)].end_s
+            assert w.end_s == w.start_s + kw["p2p_s"][hop] and op.start_s >= w.end_s
+        fed = [o for o in ops if o.chunk > 0]
+        hops = sum(kw["p2p_s"][o.chunk - 1] > 0 for o in fed if o.kind is S.OpKind.FORWARD)
+        hops += sum(
+            kw["p2p_s"][o.chunk] > 0 for o in ops if o.kind is S.OpKind.BACKWARD and o.chunk < last
+        )
+        assert waits == hops
+
+
+def test_trace_simulates_long_steps_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(S, "EXACT_OPS_BUDGET", 200)  # the plain call would extrapolate
+    kw = _random_case(random.Random(11), 4, 2)
+    exact = S.simulate("interleaved", num_micro_batches=80, exact=True, **kw)
+    traced = S.simulate("interleaved", num_micro_batches=80, trace=True, **kw)
+    assert traced.makespan_s == exact.makespan_s
+    assert traced.rank_finish_s == exact.rank_finish_s
+    assert len([o for o in traced.trace if o.kind is not S.OpKind.P2P]) == 2 * 8 * 80

@@ -44,7 +44,7 @@ ALLOCATOR_OVER_MEMCHECK_MAX = 1.12
 # Layer and micro-batch extrapolation against a full-depth run: exact in our trials; the
 # slack allows for rounding of the linear model. Unit: fraction.
 EXTRAPOLATION_TOLERANCE = 0.002
-CHILD_TIMEOUT_S = 600
+CHILD_TIMEOUT_S = 1800  # a hang guard for busy hosts, not a speed check
 
 
 def _cpu_cluster(workers: int) -> Any:
@@ -237,16 +237,16 @@ def _deep(layers: int) -> ModelSpec:
     [
         # 6 blocks per stage (> 2k = 4) and 8 micro-batches (> 3 pp = 6), the last stage
         (dict(tp=2, pp=2, dp=1, micro_batch=2), 1, (2, 4), (4, 6)),
-        # chunks of 6 and 5 blocks on rank 0 (one run per chunk), 12 micro-batches (> 2 pp v + pp)
-        (dict(tp=1, pp=2, dp=1, micro_batch=1, schedule="interleaved", virtual_stages=2), 0, (4, 6), (8, 10)),
+        # chunks of 5 and 4 blocks on rank 1 (one run per chunk), 12 micro-batches (> 2 pp v + pp)
+        (dict(tp=1, pp=2, dp=1, micro_batch=1, schedule="interleaved", virtual_stages=2), 1, (4, 6), (8, 10)),
     ],
-    ids=["1f1b-tp2-last-rank", "interleaved-uneven-chunks-first-rank"],
+    ids=["1f1b-tp2-last-rank", "interleaved-uneven-chunks"],
 )  # fmt: skip
 def test_extrapolation_matches_a_full_depth_run(
     plan_args: dict, pp_rank: int, layers_from: tuple, micro_batches_from: tuple
 ) -> None:
     gpus = plan_args["tp"] * plan_args["pp"]
-    layers, batch = (12, 16) if plan_args["tp"] == 2 else (22, 12)
+    layers, batch = (12, 16) if plan_args["tp"] == 2 else (19, 12)
     plan = _plan(_deep(layers), _gpu_cluster(gpus), batch, **plan_args)
     approx, exact = _in_child(_extrapolated_and_exact, plan, pp_rank)
     assert approx.extrapolated_from_layers == layers_from

@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import presets
+from planner.cost.comm import GroupLink, ring_time_s
 from planner.errors import ConfigError
 from planner.parallel import ParallelConfig
 from planner.placement import validate_rank_map
-from planner.profile import P2PRecord, Profile, ProfileGpu, ProfileMeta
-from planner.specs import Dtype
-from planner.topology import gpu_graph, link_model, tp_islands
+from planner.profile import CollectiveOp, P2PRecord, Profile, ProfileGpu, ProfileMeta
+from planner.specs import Dtype, TrainingSpec
+from planner.topology import Surrogate, gpu_graph, link_model, tp_islands
 from presets import cluster_from_dict
 
 SPINE = {"name": "spine", "bandwidth_gb_per_s": 12.5, "latency_us": 10}
@@ -144,3 +146,26 @@ def test_validate_allows_tp_across_nodes_only_when_larger_than_a_node():
     cfg = ParallelConfig(tp=16, pp=1, dp=2, micro_batch=1)
     order = tuple(range(8)) + tuple(range(16, 24)) + tuple(range(8, 16)) + tuple(range(24, 32))
     validate_rank_map(cluster, cfg, order)
+
+
+def test_surrogate_prices_collectives_like_the_cost_model():
+    """The placement surrogate's DP all-reduce is the cost model's `ring_time_s` on the same
+    link, NCCL's tree included: 64 ranks and a small gradient buffer are latency-bound, where
+    the tree's 2 log2(n) latencies beat the ring's 2(n-1)."""
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("dgx-h100", 8)
+    training = TrainingSpec(global_batch=64, seq_len=128, dtype=Dtype.BF16)
+    config = ParallelConfig(tp=1, pp=1, dp=64, micro_batch=1)
+    links = link_model(cluster)
+    sur = Surrogate(model, training, cluster, config, links)
+    rank_map = np.arange(64).reshape(1, 64, 1)
+    bw, lat = links.ring_links(rank_map.transpose(0, 2, 1).reshape(1, 64))
+    link = GroupLink(size=64, bandwidth_bytes_per_s=float(bw[0]), latency_s=float(lat[0]))
+    sync = ring_time_s(CollectiveOp.ALL_REDUCE, float(sur.grad_bytes[0]), link)
+    ring = 2 * 63 * link.latency_s + 2 * 63 / 64 * sur.grad_bytes[0] / link.bandwidth_bytes_per_s
+    assert sync < ring / 2  # the tree
+    speed = sur.gpu_speed[rank_map].min(axis=2)
+    compute = sur.m * (sur.work_flops[:, None] / speed).max()
+    exposed = sync - (sur.bwd_flops[:, None] / speed).max()
+    assert exposed > 0
+    assert sur.rank_ends(rank_map)[0] == pytest.approx(compute + exposed, rel=1e-12)

@@ -72,6 +72,30 @@ def test_quick_profile_structure(quick_run: tuple[Profile, dict, float]) -> None
 
 
 @pytest.mark.slow
+def test_quick_profile_times_tp_and_the_optimizer_as_the_executor_runs_them(
+    quick_run: tuple[Profile, dict, float],
+) -> None:
+    """One node of 2 workers: tp=2 blocks are timed under the executor's DTensor TP (their
+    collectives inside), tp=1 blocks plain; the optimizer step of every block kind is recorded
+    with plain and DTensor parameters (how much slower DTensor's is goes to benchmarks, not
+    here); each unit's DP sync is recorded."""
+    prof, _, _ = quick_run
+    for r in prof.compute:
+        assert r.tp_collectives_included is (True if r.tp == 2 else None), r
+    opt = {(o.block, o.tp, o.distributed): o for o in prof.optimizer or ()}
+    assert set(opt) == {(b, tp, d) for b in BlockKind for tp in (1, 2) for d in (False, True)}
+    for tp in (1, 2):
+        plain = opt[(BlockKind.TRANSFORMER_BLOCK, tp, False)]
+        dtensor = opt[(BlockKind.TRANSFORMER_BLOCK, tp, True)]
+        assert dtensor.step_s > 0 and plain.step_s > 0
+        assert plain.parameter_tensors == dtensor.parameter_tensors > 2
+    # ZeRO-0 sync of each unit under the executor's replicate over both workers
+    syncs = {r.block: r for r in prof.dp_sync or ()}
+    assert set(syncs) == set(BlockKind)
+    assert all(r.group_size == 2 and r.sync_s >= 0 and r.gradient_bytes > 0 for r in syncs.values())
+
+
+@pytest.mark.slow
 def test_quick_profile_monotone(quick_run: tuple[Profile, dict, float]) -> None:
     prof, _, _ = quick_run
     for rec in [*prof.p2p, *prof.collectives]:

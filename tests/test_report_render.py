@@ -60,7 +60,7 @@ def test_memory_bars_equal_the_estimate(pp_plan, tmp_path) -> None:
     assert 'id="mem-activations' in (tmp_path / "memory.svg").read_text()
 
 
-def test_timeline_replay_matches_the_estimate(pp_plan) -> None:
+def test_timeline_matches_the_estimate(pp_plan) -> None:
     plan, est = pp_plan
     events, end, caption = timeline_events(
         plan.model, plan.training, plan.cluster, plan.config, None, est
@@ -91,6 +91,42 @@ def test_timeline_replay_matches_the_estimate(pp_plan) -> None:
     assert idle0 > 0  # rank 0 waits for rank 1's backward in 1F1B
     assert busy0 + idle0 == pytest.approx(end, rel=1e-9)
     assert "analytic" in caption
+
+
+def test_timeline_is_the_simulators_trace(pp_plan, monkeypatch) -> None:
+    """The report simulates nothing itself: its bars are the cost model's schedule trace
+    (planner/cost/schedule.py), whose end is the estimate's pipeline makespan."""
+    from planner.cost import schedule
+
+    plan, est = pp_plan
+    calls = []
+    real = schedule.simulate
+
+    def spy(*args, **kwargs):
+        calls.append(real(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(schedule, "simulate", spy)
+    events, end, _ = timeline_events(
+        plan.model, plan.training, plan.cluster, plan.config, None, est
+    )
+    (sim,) = calls
+    assert sim.trace
+    bd = est["breakdown"]
+    assert max(o.end_s for o in sim.trace) == sim.makespan_s
+    assert end == pytest.approx(sim.makespan_s + bd["dp_comm_s"] + bd["optimizer_s"], rel=1e-15)
+    assert end == pytest.approx(est["step_time_s"], rel=1e-12)
+    compute = {(e["rank"], e["start_s"]): e for e in events if e["kind"] in ("forward", "backward")}
+    ops = [o for o in sim.trace if o.kind is not schedule.OpKind.P2P]
+    assert len(compute) == len(ops)
+    for o in ops:
+        bar = compute[(o.rank, o.start_s)]
+        assert bar["kind"] == o.kind.value and bar["label"] == str(o.micro_batch)
+        assert o.start_s < bar["end_s"] <= o.end_s
+    waits = {(o.rank, o.start_s, o.end_s) for o in sim.trace if o.kind is schedule.OpKind.P2P}
+    assert waits  # cpu-2's loopback link takes time
+    drawn = {(e["rank"], e["start_s"], e["end_s"]) for e in events if e["kind"] == "communication"}
+    assert waits <= drawn
 
 
 def test_timeline_figure_labels(pp_plan) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from cli_helpers import tiny_cpu_profile
@@ -10,13 +11,12 @@ from cli_helpers import tiny_cpu_profile
 from cli.main import main
 from cli.validate_cmd import load_configs_file
 from planner.errors import ConfigError, FormatError
-from planner.profile import Profile, profile_sha256, save_profile
+from planner.profile import Profile, load_profile, profile_sha256, save_profile
 from planner.validation import (
     Corrections,
     ValidationRecord,
     apply_corrections,
     corrections_path,
-    load_corrections,
     report_to_json,
 )
 
@@ -53,11 +53,16 @@ def test_calibrate_writes_profile_copy_and_corrections(tmp_path) -> None:
         ["calibrate", str(report), "--profile", str(tmp_path / "profile.json"), "--out", str(out)]
     )
     assert rc == 0
-    assert out.read_bytes() == (tmp_path / "profile.json").read_bytes()  # raw samples untouched
-    fitted = load_corrections(corrections_path(out))
-    assert fitted.compute_scale == pytest.approx(1.5, rel=0.05)
-    doc = json.loads(corrections_path(out).read_text())
-    assert set(doc["provenance"]["holdout_labels"]) == {"c1", "c4", "c7"}
+    # the corrections live in the new profile (the input is never touched) with the same
+    # measurements; no sidecar is written any more
+    written = load_profile(out)
+    assert replace(written, corrections=None) == prof
+    assert not corrections_path(out).exists()
+    fitted = written.corrections
+    assert fitted is not None
+    assert fitted.factors.compute_scale == pytest.approx(1.5, rel=0.05)
+    assert set(fitted.holdout_labels) == {"c1", "c4", "c7"}
+    assert fitted.base_profile_sha256 == profile_sha256(prof)
     cal = json.loads((tmp_path / "calibration.json").read_text())
     assert cal["holdout_mape_after"] < cal["holdout_mape_before"]
 

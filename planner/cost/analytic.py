@@ -118,16 +118,22 @@ def hardware_flops_per_step(
 
     Full recompute adds one forward of every block: for the GPT shape
     96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)). Selective recompute adds the attention products
-    (Korthikanti et al. 2022 Sec. 5) unless attention is flash attention, whose backward
-    recomputes the scores anyway (nothing extra is recomputed).
+    (Korthikanti et al. 2022 Sec. 5), flash attention too: the executor checkpoints the whole
+    attention core, so its forward runs again before its backward.
     """
     base = model_flops_per_step(model, global_batch, seq_len)
     blk = block_flops(model, global_batch, seq_len, 1)
     if recompute == "full":
         return base + blk.total * model.layers
-    if recompute == "selective" and not flash_attention:
+    if recompute == "selective":
         return base + blk.attention * model.layers
     return base
+
+
+# FlashAttention-2's backward runs five matmuls per tile (S = QK^T and dP recomputed, dV, dQ,
+# dK) against the forward's two: 2.5 x the forward's FLOPs (Dao 2023, FlashAttention-2,
+# Sec. 3.1.2 and the FLOP count of its benchmarks, which use 2.5x for backward).
+FLASH_BACKWARD_FACTOR = 2.5
 
 
 def gemm_efficiency(flops: float, peak_flops: float, c: AnalyticConstants) -> float:
@@ -179,10 +185,14 @@ def block_times(
     attn_fwd = gemm_time_s(attn_exec, gpu, dtype, c)
     mem_fwd = c.elementwise_passes * elementwise_bytes / gpu.hbm_bytes_per_s
     fwd = gemm_fwd + attn_fwd + mem_fwd
-    bwd = 2.0 * gemm_fwd + 2.0 * attn_fwd + 2.0 * mem_fwd
+    bwd = 2.0 * gemm_fwd + FLASH_BACKWARD_FACTOR * attn_fwd + 2.0 * mem_fwd
+    if not flash_attention:
+        bwd = 2.0 * (gemm_fwd + attn_fwd + mem_fwd)
     if recompute == "full":
         bwd += fwd
-    elif recompute == "selective" and not flash_attention:
+    elif recompute == "selective":
+        # the checkpointed attention core runs its forward again in backward (executor/model.py
+        # Attention.core under torch.utils.checkpoint), flash or not
         bwd += attn_fwd
     return PassTimes(forward_s=fwd, backward_s=bwd)
 

@@ -1,12 +1,12 @@
-"""Collective and point-to-point times over the actual GPUs of each group.
+"""Which link each group of a configuration's mesh runs on, and its collective times.
 
-Owns: alpha-beta collective times with ring factors (Thakur et al. 2005; nccl-tests
-PERFORMANCE.md): all-reduce 2(n-1)/n * bytes / bw + 2(n-1) * alpha (or NCCL's tree when that
-is faster: 2 ceil(log2 n) * alpha + 2 * bytes / bw), all-gather and
-reduce-scatter (n-1)/n * bytes / bw + (n-1) * alpha, where `bytes` is the full buffer and bw
-the slowest link of the group; NIC sharing when several groups of the same axis leave a node
-at once; measured collective fits / p2p matrix from a Profile when given.
-Does not own: which collectives a block issues (estimate.py) or their overlap.
+Owns: `ClusterArrays` (the (pp, dp, tp) mesh as node ids, the slowest link of every TP / DP / PP
+group with NIC sharing when several groups of the same axis leave a node at once, and the
+pipeline-boundary p2p time), `GroupLink` (that link as one record), `ring_time_s` (a collective
+on one GroupLink) and the lookup of measured collective fits / p2p matrix from a Profile.
+Does not own: the time formulas (planner/cost/collectives.py: ring and tree all-reduce,
+all-gather, reduce-scatter, one message; this module only chooses the link they are given),
+which collectives a block issues (rankcosts.py, estimate.py) or their overlap (dp_sync.py).
 
 All per-group work is vectorised over the (pp, dp, tp) mesh array of node ids, so the cost is
 O(world size) numpy work per call, never O(world size^2).
@@ -14,13 +14,13 @@ O(world size) numpy work per call, never O(world size^2).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from planner.cost.collectives import CollectiveOp, collective_s, message_s
 from planner.parallel import MeshAxis, ParallelConfig
-from planner.profile import CollectiveOp, Profile
+from planner.profile import Profile
 from planner.specs import ClusterSpec
 
 
@@ -34,30 +34,13 @@ class GroupLink:
 
 
 def ring_time_s(op: CollectiveOp, nbytes: float, link: GroupLink) -> float:
-    """Collective time: ring (Thakur, Rabenseifner & Gropp 2005, Sec. 4; nccl-tests busbw), and
-    for all-reduce the faster of ring and tree, as NCCL picks per size (NCCL
-    `src/graph/tuning.cc`: the double binary tree's latency grows with log2 of the group, the
-    ring's linearly; Sanders, Speck & Traeff 2009 for the two-tree bandwidth).
+    """`op` of `nbytes` on `link`'s group: `collectives.collective_s` (ring, and for all-reduce
+    the faster of ring and NCCL's tree) on the group's slowest link.
 
     The latency term is paid at any size, also for a 0-byte message: a collective issued per
     FSDP unit pays it once per unit (dp_sync.py), whatever the unit holds.
     """
-    n = link.size
-    if n <= 1 or nbytes < 0:
-        return 0.0
-    bw = link.bandwidth_bytes_per_s
-    if op is CollectiveOp.ALL_REDUCE:
-        ring = 2 * (n - 1) * link.latency_s + 2 * (n - 1) / n * nbytes / bw
-        return min(ring, tree_all_reduce_s(nbytes, link))
-    return (n - 1) * link.latency_s + (n - 1) / n * nbytes / bw
-
-
-def tree_all_reduce_s(nbytes: float, link: GroupLink) -> float:
-    """Double-binary-tree all-reduce: reduce up and broadcast down a tree of depth
-    ceil(log2 n), each level one latency, pipelined so the data crosses each link about twice
-    (every rank sends and receives `nbytes` up and down: 2 * nbytes / bw)."""
-    depth = math.ceil(math.log2(link.size))
-    return 2 * depth * link.latency_s + 2 * nbytes / link.bandwidth_bytes_per_s
+    return float(collective_s(op, link.size, nbytes, link.bandwidth_bytes_per_s, link.latency_s))
 
 
 class ClusterArrays:
@@ -194,13 +177,13 @@ class ClusterArrays:
         )
         bw = np.where(cross, cross_bw, np.minimum(self.intra_bw[a], self.intra_bw[b]))
         lat = np.where(cross, np.maximum(self.nic_lat[a], self.nic_lat[b]), self.intra_lat[a])
-        times = lat + nbytes / bw
+        times = np.asarray(message_s(nbytes, bw, lat))
         if profile is not None and profile.p2p:
             matrix = profile.p2p_matrix()
             for i, (s, d) in enumerate(zip(src_gpu.tolist(), dst_gpu.tolist(), strict=True)):
                 rec = matrix.get((s, d))
                 if rec is not None:
-                    times[i] = rec.latency_s + nbytes / rec.bandwidth_bytes_per_s
+                    times[i] = message_s(nbytes, rec.bandwidth_bytes_per_s, rec.latency_s)
         return float(times.max())
 
 

@@ -16,6 +16,8 @@ gathers weights in forward and backward of every micro-batch, prefetched under t
 micro-batch's compute (only the excess over that compute is exposed). On CPU workers
 (DeviceKind.CPU) nothing overlaps: gloo runs collectives on the cores that compute.
 Memory: exactly `SplitProblem.rank_memory_bytes` of the split, per pipeline rank.
+A profile's calibration corrections, when it has them, are applied last (corrections.py), so
+`plan`, `estimate` and `validate` predict alike; the result's notes and JSON say so.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from planner.cost import analytic, memory
 from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
+from planner.cost.corrections import correct_estimate, lower_bound_scale, micro_batch_slots
 from planner.cost.dp_sync import RankSyncInputs, exposed_dp_s
 from planner.cost.rankcosts import AG, AR, RS, RankCosts, build_rank_costs
 from planner.cost.schedule import simulate
@@ -84,6 +87,9 @@ class Estimate:
     memory_breakdown: MemoryBreakdown
     stages: tuple[StageEstimate, ...]
     notes: tuple[str, ...]
+    # Set when the profile carries calibration corrections (planner/cost/corrections.py).
+    uncorrected_step_time_s: float | None = None
+    corrections: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         def mem(b: MemoryBreakdown) -> dict[str, float]:
@@ -125,6 +131,14 @@ class Estimate:
                 for s in self.stages
             ],
             "notes": list(self.notes),
+            **(
+                {
+                    "uncorrected_step_time_s": self.uncorrected_step_time_s,
+                    "corrections": self.corrections,
+                }
+                if self.corrections is not None
+                else {}
+            ),
         }
 
 
@@ -164,11 +178,25 @@ def split_problem(
     *,
     constants: AnalyticConstants = DEFAULT_CONSTANTS,
 ) -> SplitProblem:
-    """The plain-number view of this cost model for the layer-split ILP (stage_layers ignored)."""
+    """The plain-number view of this cost model for the layer-split ILP (stage_layers ignored).
+
+    With a profile's corrections its times are scaled by `corrections.lower_bound_scale`, so
+    bounds read from it stay below the corrected estimates (a uniform scale leaves the
+    optimal split unchanged)."""
     config = replace(config, stage_layers=None)
-    return _problem(
+    problem = _problem(
         build_rank_costs(model, training, cluster, config, profile, constants), model.layers
     )
+    if profile is not None and profile.corrections is not None:
+        s = lower_bound_scale(profile.corrections.factors)
+        problem = replace(
+            problem,
+            block_time_s=tuple(t * s for t in problem.block_time_s),
+            embedding_time_s=problem.embedding_time_s * s,
+            head_time_s=problem.head_time_s * s,
+            boundary_p2p_s=problem.boundary_p2p_s * s,
+        )
+    return problem
 
 
 def _rank_sync_inputs(
@@ -185,6 +213,8 @@ def _rank_sync_inputs(
     first, last = r == 0, r == last_rank
     blocks = sum(n for k, n in enumerate(split) if k % pp == r)
 
+    unit = rc.dp_sync[r] if rc.dp_sync else None  # measured as the executor syncs a unit
+
     def coll(op: CollectiveOp, params: float) -> float:
         return rc.dp_collective_s(op, r, params * (grad_bytes if op is not AG else param_bytes))
 
@@ -199,15 +229,17 @@ def _rank_sync_inputs(
         block_bwd_s=rc.block[r].bwd_s,
         root_fwd_s=(rc.embedding.fwd_s if first else 0.0) + (rc.head.fwd_s if last else 0.0),
         root_bwd_s=(rc.embedding.bwd_s if first else 0.0) + (rc.head.bwd_s if last else 0.0),
-        block_reduce_s=coll(sync_op, per_block),
-        root_reduce_s=coll(sync_op, root) if root else 0.0,
+        block_reduce_s=unit.block_s if unit else coll(sync_op, per_block),
+        root_reduce_s=(unit.root_s(embedding=first, head=last) if unit else coll(sync_op, root))
+        if root
+        else 0.0,
         block_gather_s=coll(AG, per_block) if config.zero >= 1 else 0.0,
         root_gather_s=coll(AG, root) if config.zero >= 1 and root else 0.0,
         root_first_chunk=r != last_rank or pp == 1,
     )
 
 
-def _chunk_times(rc: RankCosts, split: tuple[int, ...], attr: str) -> tuple[float, ...]:
+def chunk_times(rc: RankCosts, split: tuple[int, ...], attr: str) -> tuple[float, ...]:
     last = len(split) - 1
     out = []
     for k, n in enumerate(split):
@@ -235,13 +267,13 @@ def estimate(
     default); `runtime` is the runtime whose rules are priced (this executor unless a
     calibration prices the published system that produced its data).
     """
-    rc = build_rank_costs(model, training, cluster, config, profile, constants)
+    rc = build_rank_costs(model, training, cluster, config, profile, constants, runtime)
     problem = _problem(rc, model.layers)
     split = config.layers_per_chunk(model)
     pp, v, m = rc.pp, rc.virtual_stages, rc.num_micro_batches
     chunks = pp * v
-    fwd = _chunk_times(rc, split, "fwd_s")
-    bwd = _chunk_times(rc, split, "bwd_s")
+    fwd = chunk_times(rc, split, "fwd_s")
+    bwd = chunk_times(rc, split, "bwd_s")
     p2p = tuple(rc.p2p_s[k % pp] for k in range(chunks - 1))
     sched = config.schedule.value
     sim = simulate(
@@ -288,6 +320,15 @@ def estimate(
         exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp > 1 else 0.0
         shard = config.dp if config.zero >= 1 else 1
         opt = n_params / shard * touched_per_param / rc.hbm_bytes_per_s[r]
+        measured_opt = rc.optimizer[r] if rc.optimizer else None
+        if measured_opt is not None:  # profiled step (profiler/optimizer.py)
+            opt = measured_opt.rank_step_s(
+                blocks=layers_on[r],
+                embedding=r == 0,
+                head=r == last_rank,
+                bandwidth_s=opt * shard,
+                shard=shard,
+            )
         opt_times.append(opt)
         ends.append(sim.rank_finish_s[r] + exposed + opt)
         rank_params[r] = n_params
@@ -365,7 +406,7 @@ def estimate(
         training.flash_attention,
     )
     peak_sum = sum(n.gpu.peak_flops(dtype) * n.gpus for n in cluster.nodes)
-    return Estimate(
+    est = Estimate(
         step_time_s=step,
         tokens_per_s=tokens / step,
         model_tflops_per_gpu=model_flops / n_gpus / step / 1e12,
@@ -380,3 +421,7 @@ def estimate(
         stages=tuple(stages),
         notes=rc.notes,
     )
+    if profile is not None and profile.corrections is not None:
+        slots = micro_batch_slots(m, pp, v)
+        est = correct_estimate(est, profile.corrections, slots=slots, dp=config.dp)
+    return est

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.runtime import EXECUTOR_MEMORY, MemoryRules
 from planner.specs import Dtype, MlpKind, ModelSpec, NormKind, PositionKind
 
 GIB = 2**30
@@ -35,10 +36,11 @@ ADAM_MIXED_BYTES_PER_PARAM = 12
 ADAM_FP32_BYTES_PER_PARAM = 8
 
 
-def has_dropout(model: ModelSpec) -> bool:
-    """GPT-family (GELU MLP) models train with dropout (Megatron-LM GPT default 0.1);
-    Llama-family recipes use none. Dropout masks are 1 byte per element (Korthikanti Sec. 4.1)."""
-    return model.mlp is MlpKind.GELU
+def has_dropout(model: ModelSpec, rules: MemoryRules) -> bool:
+    """GPT-family (GELU MLP) models train with dropout in Megatron-LM (GPT default 0.1);
+    Llama-family recipes use none; the executor has none. Masks are 1 byte per element
+    (Korthikanti Sec. 4.1)."""
+    return rules.dropout and model.mlp is MlpKind.GELU
 
 
 def block_activation_bytes(
@@ -51,46 +53,72 @@ def block_activation_bytes(
     recompute: str,
     flash_attention: bool,
     dtype: Dtype,
+    residual_bytes: int | None = None,
+    rules: MemoryRules = EXECUTOR_MEMORY,
 ) -> float:
     """Bytes one block keeps for backward, per micro-batch, on one GPU.
 
     Korthikanti et al. 2022 Sec. 4.1 / Table 2 (s=seq, b=micro-batch, h=hidden, a=heads,
     t=tp, 2-byte activations): no parallelism sbh(34 + 5as/h); TP sbh(10 + 24/t + 5as/(ht));
     TP+SP sbh(34/t + 5as/(ht)); selective recompute drops the 5as/h term; full recompute keeps
-    the block input, 2sbh (sharded by t with SP, as Megatron stores it).
-    The 34 = replicated 10 (two norm inputs 4, QKV and MLP inputs 4, two dropout masks 2) +
-    sharded 24 (Q,K 4, V 2, attention output 2, MLP 16 = 2 x 4h). Generalised per element:
-    Q/K/V/O use q_dim and kv_dim (GQA); a SwiGLU MLP keeps gate, up, silu(gate) and the
-    product (4 x ffn) instead of GELU's 2 x ffn; no dropout masks without dropout. The s x s
-    term (softmax 2as, dropout mask as, dropout output 2as) exists only for materialised
-    attention; flash attention (Dao et al. 2022) keeps the fp32 log-sum-exp (4a bytes/token).
+    the block input, 2sbh (sharded by t with SP, as Megatron stores it). With
+    `rules=MEGATRON_MEMORY` this function is exactly Table 2, generalised per element: Q/K/V/O
+    use q_dim and kv_dim (GQA); a SwiGLU MLP keeps gate, up, silu(gate) and the product
+    (4 x ffn) instead of GELU's 2 x ffn; no dropout masks without dropout. The s x s term
+    (softmax 2as, dropout mask as, dropout output 2as) exists only for materialised attention;
+    flash attention (Dao et al. 2022) keeps the fp32 log-sum-exp (4a bytes/token).
+    The runtime's own rules (`MemoryRules`) change four terms: what a norm keeps of its input
+    and its statistics, whether SP's linears keep the gathered full-sequence input, dropout,
+    and the RoPE tables; `residual_bytes` (default: the compute dtype) is what full recompute
+    keeps per element of the block input.
     """
     d = dtype.nbytes
     tokens = micro_batch * seq_len
     h, f = model.hidden, model.ffn_hidden
+    t_sp = tp if sequence_parallel else 1
     if recompute == "full":
-        return d * h * tokens / (tp if sequence_parallel else 1)
-    drop = has_dropout(model)
-    replicated = 4 * d * h + (2 * h if drop else 0)
+        return (residual_bytes or d) * h * tokens / t_sp
+    norm_in = rules.norm_input_bytes or d
+    stats = (8 if model.norm is NormKind.LAYERNORM else 4) if rules.norm_stats else 0
+    seq_sharded = 2 * (norm_in * h + stats) + (2 * h if has_dropout(model, rules) else 0)
+    linear_inputs = 2 * d * h  # the input of q/k/v and of the MLP's first matrices
     sharded = d * (model.q_dim + model.kv_dim) + d * model.kv_dim + d * model.q_dim
     sharded += (2 if model.mlp is MlpKind.GELU else 4) * d * f
     if flash_attention:
-        scores = 4.0 * model.heads
+        scores = 0.0 if recompute == "selective" and rules.rope_tables_saved else 4.0 * model.heads
     elif recompute == "selective":
         scores = 0.0
     else:
-        scores = (2 * d + 1 if drop else d) * model.heads * seq_len
-    per_token = replicated / (tp if sequence_parallel else 1) + (sharded + scores) / tp
-    return per_token * tokens
+        scores = (2 * d + 1 if has_dropout(model, rules) else d) * model.heads * seq_len
+    gathered = sequence_parallel and rules.sp_saves_gathered_inputs
+    per_token = (
+        seq_sharded / t_sp + linear_inputs / (1 if gathered else t_sp) + (sharded + scores) / tp
+    )
+    # cos and sin [seq, head_dim/2] per micro-batch, recomputed with the core under selective
+    rope = (
+        seq_len * model.head_dim * d
+        if rules.rope_tables_saved
+        and model.position is PositionKind.ROPE
+        and recompute != "selective"
+        else 0.0
+    )
+    return per_token * tokens + rope
 
 
 def embedding_activation_bytes(
-    model: ModelSpec, *, micro_batch: int, seq_len: int, tp: int, sequence_parallel: bool
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    sequence_parallel: bool,
+    rules: MemoryRules = EXECUTOR_MEMORY,
 ) -> float:
     """Token ids (int64) kept for the embedding's backward, plus the embedding-dropout mask
     (Korthikanti et al. 2022 Sec. 4.3: sbh bytes, /t with SP) when the model uses dropout."""
     tokens = micro_batch * seq_len
-    mask = model.hidden * tokens / (tp if sequence_parallel else 1) if has_dropout(model) else 0
+    dropout = has_dropout(model, rules)
+    mask = model.hidden * tokens / (tp if sequence_parallel else 1) if dropout else 0
     return 8.0 * tokens + mask
 
 
@@ -102,19 +130,33 @@ def head_activation_bytes(
     tp: int,
     sequence_parallel: bool,
     dtype: Dtype,
+    pipelined: bool = False,
+    in_flight: float = 1.0,
+    rules: MemoryRules = EXECUTOR_MEMORY,
 ) -> float:
-    """Final norm input + head input + logits for one micro-batch on the last pipeline rank.
+    """Final norm + head input + the loss's peak for one micro-batch on the last pipeline rank.
 
     Korthikanti et al. 2022 Sec. 4.3: the output layer keeps its input and the cross-entropy
-    works on fp32 logits, sbv/t elements. We count 8 bytes per logit element: the fp32
-    log-probabilities kept for backward plus the fp32 gradient made from them at the peak.
+    works on fp32 logits, sbv/t elements; the bytes per logit element alive at the loss's peak
+    are the runtime's (`MemoryRules.loss_bytes_per_logit`, measured for the executor). Under
+    torch pipelining the stage also keeps its output (the compute-dtype logits) until the
+    micro-batch's backward. With `in_flight` micro-batches between their forward and backward
+    (GPipe: all of them) the saved part is kept per micro-batch and the rest of the loss's
+    peak comes once.
     """
     tokens = micro_batch * seq_len
     d = dtype.nbytes
-    norm_in = d * model.hidden * tokens / (tp if sequence_parallel else 1)
+    t_sp = tp if sequence_parallel else 1
+    norm_in = (rules.norm_input_bytes or d) * model.hidden * tokens / t_sp
     head_in = d * model.hidden * tokens
-    logits = 8.0 * tokens * (-(-model.vocab // tp))
-    return norm_in + head_in + logits
+    peak = rules.loss_parallel_bytes_per_logit if tp > 1 else rules.loss_bytes_per_logit
+    saved = rules.loss_saved_bytes_per_logit
+    if pipelined and rules.pipeline_keeps_stage_output:
+        saved += d
+        peak += d
+    logits = tokens * (-(-model.vocab // tp))
+    kept = norm_in + head_in + saved * logits
+    return in_flight * kept + (peak - saved) * logits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,14 +208,23 @@ class StateBytesPerParam:
 
 
 def state_bytes_per_param(
-    dtype: Dtype, grad_dtype: Dtype, zero: int, dp: int
+    dtype: Dtype,
+    grad_dtype: Dtype,
+    zero: int,
+    dp: int,
+    *,
+    pipelined: bool = False,
+    rules: MemoryRules = EXECUTOR_MEMORY,
 ) -> StateBytesPerParam:
+    """`pipelined` with `rules.pipelined_fsdp_unsharded`: weights and gradients stay unsharded
+    across the step whatever the ZeRO stage (only the optimizer state is sharded)."""
     w = float(dtype.nbytes)
     g = float(grad_dtype.nbytes)
     o = float(ADAM_FP32_BYTES_PER_PARAM if dtype is Dtype.FP32 else ADAM_MIXED_BYTES_PER_PARAM)
+    unsharded = pipelined and rules.pipelined_fsdp_unsharded and dp > 1
     return StateBytesPerParam(
-        weights=w / dp if zero >= 3 else w,
-        grads=g / dp if zero >= 2 else g,
+        weights=w / dp if zero >= 3 and not unsharded else w,
+        grads=g / dp if zero >= 2 and not unsharded else g,
         optimizer=o / dp if zero >= 1 else o,
     )
 
@@ -195,3 +246,26 @@ def in_flight(
     if schedule == "interleaved":
         return tuple(min(2 * (pp - r - 1) + (v - 1) * pp + 1, m * v) / v for r in range(pp))
     return tuple(float(min(pp - r, m)) for r in range(pp))
+
+
+def pipeline_buffer_bytes(
+    p2p_bytes: float,
+    *,
+    pp: int,
+    virtual_stages: int,
+    num_micro_batches: int,
+    pp_rank: int,
+    rules: MemoryRules = EXECUTOR_MEMORY,
+) -> float:
+    """Receive buffers pipeline rank `pp_rank` keeps: with torch pipelining one activation
+    buffer per micro-batch for each chunk that is not the first and one gradient buffer per
+    micro-batch for each chunk that is not the last (chunk k on rank k % pp); otherwise a send
+    and a receive buffer (Megatron's p2p)."""
+    if pp == 1:
+        return 0.0
+    if not rules.recv_buffer_per_micro_batch:
+        return 2 * p2p_bytes
+    last = pp * virtual_stages - 1
+    chunks = range(pp_rank, last + 1, pp)
+    buffers = sum((k != 0) + (k != last) for k in chunks)
+    return buffers * num_micro_batches * p2p_bytes

@@ -22,6 +22,7 @@ from planner.cost.analytic import AnalyticConstants, PassTimes
 from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
 from planner.parallel import MeshAxis, ParallelConfig
 from planner.profile import BlockKind, CollectiveOp, Profile
+from planner.runtime import EXECUTOR, RuntimeSemantics
 from planner.specs import ClusterSpec, DeviceKind, GpuSpec, ModelSpec, TrainingSpec
 
 AR, AG, RS = CollectiveOp.ALL_REDUCE, CollectiveOp.ALL_GATHER, CollectiveOp.REDUCE_SCATTER
@@ -71,6 +72,10 @@ class RankCosts:
     capacity_bytes: tuple[float, ...]
     hbm_bytes_per_s: tuple[float, ...]  # slowest HBM per rank (optimizer step)
     source: str
+    # measured optimizer step per rank (compute.OptimizerTimes), None: priced from bandwidth
+    optimizer: tuple[compute.OptimizerTimes | None, ...] = ()
+    # measured DP sync per FSDP unit per rank (compute.DpUnitSync), None: from the collective fit
+    dp_sync: tuple[compute.DpUnitSync | None, ...] = ()
     notes: tuple[str, ...]
 
     def dp_collective_s(self, op: CollectiveOp, rank: int, nbytes: float) -> float:
@@ -99,6 +104,7 @@ def build_rank_costs(
     config: ParallelConfig,
     profile: Profile | None,
     constants: AnalyticConstants,
+    runtime: RuntimeSemantics = EXECUTOR,
 ) -> RankCosts:
     config.validate(model, training, cluster)
     pp, tp, v = config.pp, config.tp, config.virtual_stages
@@ -110,6 +116,9 @@ def build_rank_costs(
     types = _rank_gpu_types(arrays, cluster, pp)
     gpus: dict[int, GpuSpec] = {i: cluster.nodes[i].gpu for t in types for i in t}
 
+    rules = runtime.memory
+    residual = rules.residual_bytes(dtype.nbytes, config.dp)
+
     def act(seq_par: bool, recompute: str) -> float:
         return memory.block_activation_bytes(
             model,
@@ -120,6 +129,8 @@ def build_rank_costs(
             recompute=recompute,
             flash_attention=flash,
             dtype=dtype,
+            residual_bytes=residual,
+            rules=rules,
         )
 
     block_act = act(sp, rc)
@@ -136,6 +147,8 @@ def build_rank_costs(
         compute.node_device_names(profile, cluster) if profile is not None and use_profile else ()
     )
     parts: dict[int, dict[str, PassTimes]] = {}
+    tp_timed: set[str] = set()  # parts whose records were timed with their TP collectives
+    tp_plain: set[str] = set()
     measured_blocks = bool(use_profile)
     measured_act: float | None = None
     for i, gpu in gpus.items():
@@ -185,6 +198,7 @@ def build_rank_costs(
                     )
                 continue
             analytic_parts[key] = PassTimes(forward_s=rec.forward_s, backward_s=rec.backward_s)
+            (tp_timed if rec.tp_collectives_included else tp_plain).add(key)
             if rec.note:
                 notes.append(rec.note)
             if key == "block" and rec.activation_bytes is not None:
@@ -192,10 +206,10 @@ def build_rank_costs(
         parts[i] = analytic_parts
     source = "measured" if measured_blocks else "analytic"
     if measured_blocks and measured_act is not None:
-        if sp:
-            # the profiler measures blocks without SP; SP shards the replicated part (Table 2)
-            measured_act *= block_act / act(False, rc)
-        block_act = measured_act
+        # The profiler times blocks in one dtype without autocast, which saves other tensors
+        # than training does (fp32 norm copies, runtime.py MemoryRules); memory comes from the
+        # executor's rules, which memcheck checks against the executor itself.
+        notes.append("activation memory from the executor's memory rules, not the profile")
     if source == "analytic":
         notes.insert(0, "analytic estimate")
 
@@ -253,8 +267,18 @@ def build_rank_costs(
                 bwd_tp_s=tp_coll(RS if sp else AR, r, buf),
             )
     assert emb is not None and head is not None
+    # parts timed under the executor's DTensor TP already hold their collectives (profile.py)
+    with_tp = tp_timed - tp_plain
+    blocks = [replace(b, fwd_tp_s=0.0, bwd_tp_s=0.0) if "block" in with_tp else b for b in blocks]
+    emb = replace(emb, fwd_tp_s=0.0, bwd_tp_s=0.0) if "embedding" in with_tp else emb
+    head = replace(head, fwd_tp_s=0.0, bwd_tp_s=0.0) if "head" in with_tp else head
+    if with_tp:
+        notes.append(
+            f"TP collectives measured inside the profiled {', '.join(sorted(with_tp))} times"
+        )
 
-    p2p_bytes = buf / tp if sp else buf
+    # stages exchange the residual stream (fp32 without FSDP mixed precision, runtime.py)
+    p2p_bytes = mb * seq * model.hidden * residual / (tp if sp else 1)
     p2p = tuple(
         arrays.boundary_p2p_s(r, (r + 1) % pp, p2p_bytes, profile) if pp > 1 else 0.0
         for r in range(pp)
@@ -263,24 +287,67 @@ def build_rank_costs(
         notes.append("links from the cluster's link classes (no measured link profile)")
 
     # --- memory
+    head_act = memory.head_activation_bytes(
+        model,
+        micro_batch=mb,
+        seq_len=seq,
+        tp=tp,
+        sequence_parallel=sp,
+        dtype=dtype,
+        pipelined=pp > 1,
+        # GPipe runs every forward before the first backward; the other schedules run the last
+        # chunk's backward right after its forward
+        in_flight=float(m) if config.schedule.value == "gpipe" else 1.0,
+        rules=rules,
+    )
     params = memory.tp_rank_params(model, tp, config.num_chunks)
-    state = memory.state_bytes_per_param(dtype, training.grad_dtype, config.zero, config.dp)
+    state = memory.state_bytes_per_param(
+        dtype, training.grad_dtype, config.zero, config.dp, pipelined=pp > 1, rules=rules
+    )
     frag = memory.ALLOCATOR_FRAGMENTATION
     fixed = []
     for r in range(pp):
         on_cpu = all(cluster.nodes[i].gpu.kind is DeviceKind.CPU for i in types[r])
         extra = memory.CPU_WORKER_RESERVE_BYTES if on_cpu else memory.FRAMEWORK_RESERVE_BYTES
         if rc == "full":
-            extra += block_act_none * (1 + frag)  # one block's recompute working set in backward
-        if config.zero >= 3:
+            # one block's recompute working set in backward; on the last rank it comes after
+            # the head's backward has freed the loss's peak, so only the larger of the two counts
+            working = block_act_none
+            if r == pp - 1:
+                working = max(working - head_act, 0.0)
+            extra += working * (1 + frag)
+        if config.zero >= 3 and state.weights < dtype.nbytes:  # sharded weights (runtime.py)
             extra += 2 * params.per_block * dtype.nbytes  # gathered weights: current + prefetch
         if pp > 1:
-            extra += 2 * p2p_bytes  # send and receive buffers
+            extra += memory.pipeline_buffer_bytes(
+                p2p_bytes, pp=pp, virtual_stages=v, num_micro_batches=m, pp_rank=r, rules=rules
+            )
         fixed.append(extra)
     capacity = tuple(
         float(min(cluster.nodes[i].gpu.capacity_bytes for i in types[r])) for r in range(pp)
     )
     hbm = tuple(min(cluster.nodes[i].gpu.hbm_bytes_per_s for i in types[r]) for r in range(pp))
+    # DTensor parameters (FSDP2/replicate, TP) pay per-op dispatch in the optimizer step
+    opt_dist = config.dp > 1 or tp > 1
+    opt_times = tuple(
+        compute.rank_optimizer_times(
+            profile, [device_names[i] for i in types[r]], tp=tp, distributed=opt_dist
+        )
+        if profile is not None and use_profile
+        else None
+        for r in range(pp)
+    )
+    # ZeRO-0 on CPU workers at tp = 1: the unit's sync as the executor's replicate runs it
+    sync_measured = config.zero == 0 and tp == 1 and config.dp > 1
+    dp_sync = tuple(
+        compute.rank_dp_sync(profile, [device_names[i] for i in types[r]], group_size=config.dp)
+        if profile is not None
+        and use_profile
+        and sync_measured
+        and all(cluster.nodes[i].gpu.kind is DeviceKind.CPU for i in types[r])
+        else None
+        for r in range(pp)
+    )
     dp_links = arrays.axis_links(MeshAxis.DP)
     return RankCosts(
         pp=pp,
@@ -297,15 +364,15 @@ def build_rank_costs(
         state=state,
         block_activation_bytes=block_act,
         embedding_activation_bytes=memory.embedding_activation_bytes(
-            model, micro_batch=mb, seq_len=seq, tp=tp, sequence_parallel=sp
+            model, micro_batch=mb, seq_len=seq, tp=tp, sequence_parallel=sp, rules=rules
         ),
-        head_activation_bytes=memory.head_activation_bytes(
-            model, micro_batch=mb, seq_len=seq, tp=tp, sequence_parallel=sp, dtype=dtype
-        ),
+        head_activation_bytes=head_act,
         in_flight=memory.in_flight(config.schedule.value, pp, v, m),
         fixed_bytes=tuple(fixed),
         capacity_bytes=capacity,
         hbm_bytes_per_s=hbm,
+        optimizer=opt_times,
+        dp_sync=dp_sync,
         source=source,
         notes=tuple(dict.fromkeys(notes)),
     )

@@ -4,7 +4,9 @@ Owns: the op order of 1F1B (Narayanan et al. 2021 Sec. 2.2.1, PipeDream-Flush), 
 1F1B with v virtual stages (Sec. 2.2.2, Megatron-LM's order) and GPipe (Huang et al. 2019),
 and their makespan with p2p delays between chunks. Unbalanced chunks are priced exactly; for
 uniform stages and no p2p 1F1B gives (m + p - 1) * (t_f + t_b), the interleaved schedule
-shrinks the bubble to (p - 1)/v of a rank's per-micro-batch time.
+shrinks the bubble to (p - 1)/v of a rank's per-micro-batch time. On request (`trace=True`) the
+same simulation returns the trace of every op (rank, kind, chunk, micro-batch, start, end): the
+one the report's timeline draws (cli/plan_report.py), so the picture is the estimate's schedule.
 Does not own: per-chunk times (estimate.py) or memory.
 
 The op lists are simulated as a DAG (each op waits for the previous op of its rank and for
@@ -16,6 +18,7 @@ is extrapolated from two exact simulations (tested equal to the full simulation)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 # Simulate exactly while the step has at most this many ops (one op = one chunk's forward or
 # backward of one micro-batch; ~0.6 us each); beyond, extrapolate the periodic steady state from
@@ -27,10 +30,36 @@ EXACT_OPS_BUDGET = 20000
 PERIOD_START_FACTOR = 3
 
 
+class OpKind(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    P2P = "p2p"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TraceOp:
+    """One interval of the simulated step on pipeline rank `rank`.
+
+    forward / backward: chunk `chunk`'s pass of micro-batch `micro_batch` (whatever the
+    per-chunk time holds: its compute and TP collectives). p2p: the activation (forward) or
+    gradient (backward) that op waits for, in flight from its producer's end until it is ready
+    on this rank; sends are asynchronous, so it occupies the link, not the rank. Only p2p
+    transfers that take time are listed.
+    """
+
+    rank: int
+    kind: OpKind
+    chunk: int
+    micro_batch: int
+    start_s: float
+    end_s: float
+
+
 @dataclass(frozen=True, kw_only=True)
 class SimResult:
     makespan_s: float
     rank_finish_s: tuple[float, ...]
+    trace: tuple[TraceOp, ...] = ()  # in simulation order; empty unless asked for
 
 
 def rank_orders(schedule: str, pp: int, v: int, m: int) -> list[list[tuple[bool, int, int]]]:
@@ -74,7 +103,9 @@ def _simulate_exact(
     fwd_s: tuple[float, ...],
     bwd_s: tuple[float, ...],
     p2p_s: tuple[float, ...],
+    trace: list[TraceOp] | None = None,
 ) -> SimResult:
+    """Simulate every op; append each op (and each p2p wait) to `trace` when given."""
     chunks = pp * v
     orders = rank_orders(schedule, pp, v, m)
     f_end = [[-1.0] * m for _ in range(chunks)]
@@ -90,28 +121,35 @@ def _simulate_exact(
             i, t = ptr[r], free[r]
             while i < len(ops):
                 is_f, c, j = ops[i]
+                dep = hop = 0.0
                 if is_f:
                     if c > 0:
                         dep = f_end[c - 1][j]
                         if dep < 0:
                             break
-                        ready = dep + p2p_s[c - 1]
+                        hop = p2p_s[c - 1]
+                        ready = dep + hop
                     else:
                         ready = 0.0
-                    t = max(t, ready) + fwd_s[c]
+                    start = max(t, ready)
+                    t = start + fwd_s[c]
                     f_end[c][j] = t
                 else:
                     if c < last:
                         dep = b_end[c + 1][j]
                         if dep < 0:
                             break
-                        ready = dep + p2p_s[c]
+                        hop = p2p_s[c]
+                        ready = dep + hop
                     else:
                         ready = f_end[c][j]
                         if ready < 0:
                             break
-                    t = max(t, ready) + bwd_s[c]
+                    start = max(t, ready)
+                    t = start + bwd_s[c]
                     b_end[c][j] = t
+                if trace is not None:
+                    _record(trace, r, is_f, c, j, start, t, (dep, ready) if hop > 0 else None)
                 i += 1
             if i != ptr[r]:
                 progressed = True
@@ -119,7 +157,27 @@ def _simulate_exact(
                 ptr[r], free[r] = i, t
         if not progressed:
             raise AssertionError(f"{schedule} schedule deadlocked (pp={pp}, v={v}, m={m})")
-    return SimResult(makespan_s=max(free), rank_finish_s=tuple(free))
+    return SimResult(makespan_s=max(free), rank_finish_s=tuple(free), trace=tuple(trace or ()))
+
+
+def _record(
+    trace: list[TraceOp],
+    r: int,
+    is_f: bool,
+    c: int,
+    j: int,
+    start: float,
+    end: float,
+    wait: tuple[float, float] | None,
+) -> None:
+    """Append one simulated op, and before it the p2p transfer it waited for (`wait`: the
+    producer's end and the time the input is ready here), if that took time."""
+    if wait is not None:
+        trace.append(
+            TraceOp(rank=r, kind=OpKind.P2P, chunk=c, micro_batch=j, start_s=wait[0], end_s=wait[1])
+        )
+    kind = OpKind.FORWARD if is_f else OpKind.BACKWARD
+    trace.append(TraceOp(rank=r, kind=kind, chunk=c, micro_batch=j, start_s=start, end_s=end))
 
 
 def simulate(
@@ -132,20 +190,24 @@ def simulate(
     bwd_s: tuple[float, ...],
     p2p_s: tuple[float, ...],
     exact: bool = False,
+    trace: bool = False,
 ) -> SimResult:
     """Makespan of one step's pipeline (forward+backward of all micro-batches).
 
     `fwd_s[k]`, `bwd_s[k]`: per-micro-batch times of chunk k (k = 0..pp*v-1, on rank k % pp);
     `p2p_s[k]`: the transfer time between chunk k and k+1 (used in both directions).
     GPipe's steady state is not periodic in the same way, so it is always simulated exactly.
+    `trace`: also return every op's interval (`SimResult.trace`); the step is then simulated
+    exactly, and its makespan is the last op's end.
     """
     v, m = virtual_stages, num_micro_batches
     if len(fwd_s) != pp * v or len(bwd_s) != pp * v or len(p2p_s) != max(pp * v - 1, 0):
         raise ValueError("simulate needs pp*v chunk times and pp*v-1 p2p times")
     ops_per_micro_batch = 2 * pp * v
     m1 = max(PERIOD_START_FACTOR, (EXACT_OPS_BUDGET // ops_per_micro_batch) // pp - 1) * pp
-    if exact or schedule == "gpipe" or m <= m1 + pp:
-        return _simulate_exact(schedule, pp, v, m, fwd_s, bwd_s, p2p_s)
+    if exact or trace or schedule == "gpipe" or m <= m1 + pp:
+        ops: list[TraceOp] | None = [] if trace else None
+        return _simulate_exact(schedule, pp, v, m, fwd_s, bwd_s, p2p_s, ops)
     a = _simulate_exact(schedule, pp, v, m1, fwd_s, bwd_s, p2p_s)
     b = _simulate_exact(schedule, pp, v, m1 + pp, fwd_s, bwd_s, p2p_s)
     k = (m - m1 - pp) / pp
