@@ -100,6 +100,11 @@ CASES = (
     Case(model=G13, nodes=2, global_batch=64, seq_len=2048, config=_c(tp=4, pp=4, micro_batch=4, schedule="interleaved", virtual_stages=2, recompute="full")),
     Case(model=G13, nodes=2, global_batch=64, seq_len=2048, config=_c(tp=8, pp=2, micro_batch=1, sequence_parallel=True)),
     Case(model=G13, nodes=2, global_batch=64, seq_len=2048, config=_c(tp=1, pp=2, micro_batch=4, zero=2, recompute="full")),
+    # more data-parallel layouts without pipelining
+    Case(model=L70, nodes=8, global_batch=128, seq_len=4096, config=_c(tp=4, pp=1, micro_batch=1, zero=3, recompute="selective", sequence_parallel=True)),
+    Case(model=L8, nodes=1, global_batch=64, seq_len=4096, config=_c(tp=1, pp=1, micro_batch=2, zero=3)),
+    Case(model=G13, nodes=2, global_batch=64, seq_len=2048, config=_c(tp=4, pp=1, micro_batch=4, zero=2, recompute="full")),
+    Case(model=L8, nodes=1, global_batch=64, seq_len=4096, config=_c(tp=2, pp=1, micro_batch=4, zero=2, recompute="full", sequence_parallel=True)),
 )  # fmt: skip
 
 
@@ -269,7 +274,7 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=2, help="pipeline ranks measured in parallel")
-    ap.add_argument("--only", default=None, help="comma-separated case numbers (1-based)")
+    ap.add_argument("--only", default=None, help="comma-separated case numbers (1-based), run in this order")
     ap.add_argument(
         "--repredict",
         action="store_true",
@@ -284,11 +289,11 @@ def main() -> int:
         return 0
     from executor.memcheck import run_memcheck
 
-    chosen = {int(x) for x in args.only.split(",")} if args.only else None
+    # in the order given (cheap cases first), else all in order
+    order = [int(x) for x in args.only.split(",")] if args.only else range(1, len(CASES) + 1)
     store["meta"] = _meta()
-    for i, case in enumerate(CASES, start=1):
-        if chosen is not None and i not in chosen:
-            continue
+    for i in order:
+        case = CASES[i - 1]
         t0 = time.perf_counter()
         entry: dict[str, Any] = {"label": case.label}
         try:

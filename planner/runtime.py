@@ -84,6 +84,10 @@ class MemoryRules:
     # accumulate unsharded in the reduce dtype for every ZeRO stage, and ZeRO-3 keeps its
     # parameters gathered, so ZeRO-2/3 save no memory with pp > 1.
     pipelined_fsdp_unsharded: bool
+    # DTensor's vocab-parallel embedding (RowwiseParallel over the vocab rows, torch 2.13)
+    # returns a gradient whose local tensor has every vocabulary row, not the rank's shard:
+    # each TP rank holds a full V x h gradient (tests/test_memory_parity.py measures it).
+    embedding_grad_full_vocab: bool
 
     def residual_bytes(self, compute_bytes: int, dp: int) -> int:
         """Bytes per element of the residual stream between blocks (and across stages)."""
@@ -103,6 +107,7 @@ EXECUTOR_MEMORY = MemoryRules(
     pipeline_keeps_stage_output=True,
     recv_buffer_per_micro_batch=True,
     pipelined_fsdp_unsharded=True,
+    embedding_grad_full_vocab=True,
 )
 
 # Megatron-LM as Korthikanti et al. 2022 count it (Table 2, Sec. 4.3): the analytic reference.
@@ -119,6 +124,7 @@ MEGATRON_MEMORY = MemoryRules(
     pipeline_keeps_stage_output=False,
     recv_buffer_per_micro_batch=False,
     pipelined_fsdp_unsharded=False,
+    embedding_grad_full_vocab=False,
 )
 
 

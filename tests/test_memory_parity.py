@@ -156,3 +156,21 @@ def test_loss_bytes_per_logit_are_the_executors(fake_mesh: DeviceMesh, sp: bool)
         )  # fmt: skip
 
     assert grow == pytest.approx(predicted(seqs[1]) - predicted(seqs[0]), rel=0.04)
+
+
+@pytest.mark.parametrize("fake_mesh", [2, 4], indirect=True)
+def test_vocab_parallel_embedding_gradient_has_every_row(fake_mesh: DeviceMesh) -> None:
+    """The rule `embedding_grad_full_vocab`: the local gradient of DTensor's vocab-sharded
+    embedding is V x h, so the excess over the rank's shard is what memory.py adds."""
+    spec = _small("llama3-8b")
+    model = Transformer(spec, tie_embeddings=False)
+    model.head = None
+    del model.layers["0"]
+    apply_tp(model, fake_mesh, sequence_parallel=False)
+    out = model.embed(torch.randint(0, spec.vocab, (MB, SEQ)))
+    out.sum().backward()
+    weight = model.embed.tok_embeddings.weight
+    local_grad = weight.grad.to_local()
+    excess = local_grad.nbytes - weight.to_local().nbytes
+    tp = fake_mesh.size()
+    assert excess == memory.embedding_gradient_excess_bytes(spec, tp, Dtype.FP32, EXECUTOR_MEMORY)

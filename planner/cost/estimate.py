@@ -160,7 +160,7 @@ def _problem(rc: RankCosts, num_layers: int) -> SplitProblem:
         block_static_bytes=rc.params.per_block * per_param,
         block_activation_bytes=rc.block_activation_bytes * frag,
         in_flight=rc.in_flight,
-        embedding_static_bytes=rc.params.embedding * per_param,
+        embedding_static_bytes=rc.params.embedding * per_param + rc.embedding_extra_bytes,
         embedding_activation_bytes=rc.embedding_activation_bytes * frag,
         head_static_bytes=rc.params.head * per_param,
         head_activation_bytes=rc.head_activation_bytes * frag,
@@ -380,6 +380,7 @@ def estimate(
         act += rc.in_flight[0] * rc.embedding_activation_bytes if r == 0 else 0.0
         act += rc.head_activation_bytes if r == last_rank else 0.0
         w, g, o = n_params * st.weights, n_params * st.grads, n_params * st.optimizer
+        g += rc.embedding_extra_bytes if r == 0 else 0.0
         mb = MemoryBreakdown(
             weights=w, grads=g, optimizer=o, activations=act, other=rank_mem[r] - w - g - o - act
         )

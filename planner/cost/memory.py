@@ -269,3 +269,14 @@ def pipeline_buffer_bytes(
     chunks = range(pp_rank, last + 1, pp)
     buffers = sum((k != 0) + (k != last) for k in chunks)
     return buffers * num_micro_batches * p2p_bytes
+
+
+def embedding_gradient_excess_bytes(
+    model: ModelSpec, tp: int, grad_dtype: Dtype, rules: MemoryRules = EXECUTOR_MEMORY
+) -> float:
+    """Bytes the embedding's gradient holds beyond the rank's vocabulary shard: with
+    `rules.embedding_grad_full_vocab` and tp > 1 the gradient has all V rows on every TP rank,
+    in the gradient dtype (FSDP accumulates unsharded gradients in its reduce dtype)."""
+    if not rules.embedding_grad_full_vocab or tp == 1:
+        return 0.0
+    return float(grad_dtype.nbytes * (model.vocab - -(-model.vocab // tp)) * model.hidden)

@@ -71,6 +71,7 @@ class RankCosts:
     fixed_bytes: tuple[float, ...]
     capacity_bytes: tuple[float, ...]
     hbm_bytes_per_s: tuple[float, ...]  # slowest HBM per rank (optimizer step)
+    embedding_extra_bytes: float = 0.0  # memory.embedding_gradient_excess_bytes
     source: str
     # measured optimizer step per rank (compute.OptimizerTimes), None: priced from bandwidth
     optimizer: tuple[compute.OptimizerTimes | None, ...] = ()
@@ -367,6 +368,13 @@ def build_rank_costs(
             model, micro_batch=mb, seq_len=seq, tp=tp, sequence_parallel=sp, rules=rules
         ),
         head_activation_bytes=head_act,
+        # kept to the peak where gradients accumulate across micro-batches; ZeRO-2/3 without
+        # pipelining reduce-scatter (and free) it after every micro-batch's backward
+        embedding_extra_bytes=memory.embedding_gradient_excess_bytes(
+            model, tp, training.grad_dtype, rules
+        )
+        if pp > 1 or config.zero < 2
+        else 0.0,
         in_flight=memory.in_flight(config.schedule.value, pp, v, m),
         fixed_bytes=tuple(fixed),
         capacity_bytes=capacity,
