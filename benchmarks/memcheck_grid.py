@@ -274,7 +274,9 @@ def main() -> int:
     )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--jobs", type=int, default=2, help="pipeline ranks measured in parallel")
-    ap.add_argument("--only", default=None, help="comma-separated case numbers (1-based), run in this order")
+    ap.add_argument(
+        "--only", default=None, help="comma-separated case numbers (1-based), run in this order"
+    )
     ap.add_argument(
         "--repredict",
         action="store_true",
