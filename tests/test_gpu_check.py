@@ -39,9 +39,8 @@ def _memcheck_available() -> bool:
     return done.returncode == 0
 
 
-@pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
-    out = tmp_path_factory.mktemp("gpu_check") / "out"
+def _cpu_run(tmp_path: Path) -> tuple[Path, dict, str]:
+    out = tmp_path / "out"
     done = subprocess.run(
         ["bash", str(SCRIPT), "--device", "cpu", "--out", str(out), "--python", sys.executable],
         capture_output=True,
@@ -53,8 +52,7 @@ def cpu_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     return out, json.loads((out / "summary.json").read_text()), (out / "summary.md").read_text()
 
 
-@pytest.mark.slow
-def test_every_step_has_a_status_and_the_cpu_steps_succeed(cpu_run: tuple[Path, dict, str]) -> None:
+def _every_step_has_a_status_and_the_cpu_steps_succeed(cpu_run: tuple[Path, dict, str]) -> None:
     _, summary, md = cpu_run
     steps = {s["id"]: s for s in summary["steps"]}
     assert {sid: s["name"] for sid, s in steps.items()} == STEPS
@@ -70,8 +68,7 @@ def test_every_step_has_a_status_and_the_cpu_steps_succeed(cpu_run: tuple[Path, 
     assert steps["4a"]["status"] == expected, steps["4a"]
 
 
-@pytest.mark.slow
-def test_predicted_vs_measured_table_and_overhead(cpu_run: tuple[Path, dict, str]) -> None:
+def _predicted_vs_measured_table_and_overhead(cpu_run: tuple[Path, dict, str]) -> None:
     out, summary, md = cpu_run
     rows = summary["comparison"]
     # Two configurations (mb1-none, mb2-full) in each of two dtypes.
@@ -97,8 +94,7 @@ def test_predicted_vs_measured_table_and_overhead(cpu_run: tuple[Path, dict, str
     assert "## Executor vs a plain PyTorch loop" in md
 
 
-@pytest.mark.slow
-def test_results_directory_comes_back_whole(cpu_run: tuple[Path, dict, str]) -> None:
+def _results_directory_comes_back_whole(cpu_run: tuple[Path, dict, str]) -> None:
     out, _, _ = cpu_run
     entries = list(out.iterdir())
     assert all(p.is_file() for p in entries) and len(entries) <= 8, entries
@@ -107,6 +103,16 @@ def test_results_directory_comes_back_whole(cpu_run: tuple[Path, dict, str]) -> 
     assert {"validation-fp32.json", "validation-bf16.json"} <= names
     log = (out / "gpu_check.log").read_text()
     assert all(f"======== step {sid} {name}:" in log for sid, name in STEPS.items())
+
+
+@pytest.mark.slow
+def test_gpu_check_on_cpu(tmp_path: Path) -> None:
+    """One run of the script (about 2 minutes) checked three ways; separate tests would each
+    run it again on another xdist worker."""
+    run = _cpu_run(tmp_path)
+    _every_step_has_a_status_and_the_cpu_steps_succeed(run)
+    _predicted_vs_measured_table_and_overhead(run)
+    _results_directory_comes_back_whole(run)
 
 
 def _summary_module() -> ModuleType:
