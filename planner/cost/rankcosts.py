@@ -151,7 +151,7 @@ def build_rank_costs(
     tp_timed: set[str] = set()  # parts whose records were timed with their TP collectives
     tp_plain: set[str] = set()
     measured_blocks = bool(use_profile)
-    measured_act: float | None = None
+    profiled_activations = False
     for i, gpu in gpus.items():
         analytic_parts = {
             "block": analytic.block_times(
@@ -203,10 +203,10 @@ def build_rank_costs(
             if rec.note:
                 notes.append(rec.note)
             if key == "block" and rec.activation_bytes is not None:
-                measured_act = rec.activation_bytes
+                profiled_activations = True
         parts[i] = analytic_parts
     source = "measured" if measured_blocks else "analytic"
-    if measured_blocks and measured_act is not None:
+    if measured_blocks and profiled_activations:
         # The profiler times blocks in one dtype without autocast, which saves other tensors
         # than training does (fp32 norm copies, runtime.py MemoryRules); memory comes from the
         # executor's rules, which memcheck checks against the executor itself.
