@@ -18,7 +18,7 @@ Conventions (fixed here, relied on by the cost model, the plan format and the ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from planner.errors import ConfigError, SpecError
@@ -80,9 +80,13 @@ class ParallelConfig:
     zero: int = 0
     stage_layers: tuple[int, ...] | None = None
     rank_to_gpu: tuple[int, ...] | None = None
+    # Expert parallelism: each MoE block's experts are split over `ep` consecutive data-parallel
+    # ranks (dp index d = d_outer * ep + e; Megatron-LM and torchtitan draw EP from DP the same
+    # way). Not a mesh axis of its own: the world is still tp * pp * dp.
+    ep: int = field(default=1, metadata={"json_omit_default": True})
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "dp", "micro_batch", "virtual_stages"):
+        for name in ("tp", "pp", "dp", "micro_batch", "virtual_stages", "ep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -202,5 +206,15 @@ class ParallelConfig:
             )
         if self.zero > 0 and self.dp < 2:
             raise ConfigError(f"zero={self.zero} shards over dp and needs dp >= 2")
+        if self.ep > 1:
+            if model.moe is None:
+                raise ConfigError(f"ep={self.ep} needs a Mixture-of-Experts model; use ep=1")
+            if self.dp % self.ep:
+                raise ConfigError(
+                    f"ep={self.ep} must divide dp={self.dp} (expert-parallel groups are drawn "
+                    "from the data-parallel ranks)"
+                )
+            if model.moe.experts % self.ep:
+                raise ConfigError(f"ep={self.ep} must divide moe.experts={model.moe.experts}")
         if self.rank_to_gpu is not None and sorted(self.rank_to_gpu) != list(range(n)):
             raise ConfigError(f"rank_to_gpu must use every GPU id 0..{n - 1} exactly once")

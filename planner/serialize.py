@@ -22,12 +22,13 @@ T = TypeVar("T")
 
 def to_jsonable(obj: Any) -> Any:
     """Dataclasses become objects of their fields; a field with metadata `json_omit_none` is
-    left out while None (a field added later keeps older documents' bytes, and hashes)."""
+    left out while None, one with `json_omit_default` while it equals its default (a field added
+    later keeps older documents' bytes, and hashes)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {
             f.name: to_jsonable(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if not (f.metadata.get("json_omit_none") and getattr(obj, f.name) is None)
+            if not _omitted(f, getattr(obj, f.name))
         }
     if isinstance(obj, Enum):
         return obj.value
@@ -36,6 +37,12 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     return obj
+
+
+def _omitted(f: dataclasses.Field[Any], value: Any) -> bool:
+    if f.metadata.get("json_omit_none") and value is None:
+        return True
+    return bool(f.metadata.get("json_omit_default")) and value == f.default
 
 
 def dumps(obj: Any) -> str:

@@ -184,6 +184,58 @@ def check_headroom(fraction: object) -> float:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MoeSpec:
+    """The Mixture-of-Experts feed-forward of a ModelSpec: token-choice top-k routing over
+    `experts` routed experts (gated MLPs of `expert_ffn_hidden`) plus `shared_experts` that every
+    token passes (Shazeer et al. 2017; Mixtral, Jiang et al. 2024; DeepSeekMoE, Dai et al. 2024).
+
+    Block i is an MoE block when `i >= dense_layers` and `(i + 1 - dense_layers) %
+    layer_interval == 0`; the others keep the dense MLP of `ModelSpec.ffn_hidden`
+    (DeepSeek-V3 `first_k_dense_replace`, Qwen2-MoE `decoder_sparse_step`, Llama 4
+    `interleave_moe_layer_step`). `shared_ffn_hidden` is each shared expert's size (0: the
+    routed size). The router is a bias-free h x experts linear; `shared_expert_gate` adds
+    Qwen2-MoE's h x 1 sigmoid gate on the shared expert.
+    """
+
+    experts: int
+    top_k: int
+    expert_ffn_hidden: int
+    shared_experts: int = 0
+    shared_ffn_hidden: int = 0
+    dense_layers: int = 0
+    layer_interval: int = 1
+    shared_expert_gate: bool = False
+
+    def __post_init__(self) -> None:
+        owner = "model.moe"
+        _positive_int(
+            owner,
+            experts=self.experts,
+            top_k=self.top_k,
+            expert_ffn_hidden=self.expert_ffn_hidden,
+            layer_interval=self.layer_interval,
+        )
+        for name in ("shared_experts", "shared_ffn_hidden", "dense_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"{owner}.{name}={value!r} must be an integer >= 0")
+        _bools(owner, shared_expert_gate=self.shared_expert_gate)
+        if self.top_k > self.experts:
+            raise SpecError(f"{owner}.top_k={self.top_k} must be <= experts={self.experts}")
+        check_model_limit(f"{owner}.expert_ffn_hidden", "ffn_hidden", self.expert_ffn_hidden)
+        if self.shared_ffn_hidden == 0 and self.shared_experts:
+            object.__setattr__(self, "shared_ffn_hidden", self.expert_ffn_hidden)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.dense_layers and (i + 1 - self.dense_layers) % self.layer_interval == 0
+
+    @property
+    def uniform(self) -> bool:
+        """Every block is an MoE block (Mixtral, Qwen3-MoE)."""
+        return self.dense_layers == 0 and self.layer_interval == 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class ParamCount:
     """Exact parameter counts of a ModelSpec, by part (numbers of elements, not bytes)."""
 
@@ -193,10 +245,18 @@ class ParamCount:
     blocks: int
     final_norm: int
     head: int
+    # Routed-expert parameters of all MoE blocks, and the part one token uses (top_k of experts).
+    routed_experts: int = 0
+    routed_active: int = 0
 
     @property
     def total(self) -> int:
         return self.embedding + self.position + self.blocks + self.final_norm + self.head
+
+    @property
+    def active(self) -> int:
+        """Parameters one token passes through (all of them for a dense model)."""
+        return self.total - self.routed_experts + self.routed_active
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,6 +283,7 @@ class ModelSpec:
     position: PositionKind = PositionKind.LEARNED
     bias: bool = True
     qkv_bias: bool = False
+    moe: MoeSpec | None = field(default=None, metadata={"json_omit_none": True})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -252,6 +313,14 @@ class ModelSpec:
             raise SpecError(
                 f"{owner}: kv_heads={self.kv_heads} must divide heads={self.heads} (grouped-query attention)"
             )
+        if isinstance(self.moe, Mapping):
+            object.__setattr__(self, "moe", MoeSpec(**self.moe))
+        if self.moe is not None and not isinstance(self.moe, MoeSpec):
+            raise SpecError(f"{owner}.moe={self.moe!r} must be a mapping of MoeSpec fields or null")
+        if self.moe is not None and self.moe.dense_layers >= self.layers:
+            raise SpecError(
+                f"{owner}.moe.dense_layers={self.moe.dense_layers} must be < layers={self.layers}"
+            )
 
     @property
     def q_dim(self) -> int:
@@ -261,8 +330,19 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    def _mlp_params(self, ffn: int) -> int:
+        h, b = self.hidden, self.bias
+        if self.mlp is MlpKind.GELU:
+            return 2 * h * ffn + (ffn + h if b else 0)
+        return 3 * h * ffn + (2 * ffn + h if b else 0)
+
     def param_count(self) -> ParamCount:
-        """Exact element counts, matching executor/model.py's modules one for one."""
+        """Exact element counts, matching executor/model.py's modules one for one.
+
+        `per_block` is one block's count when all blocks are alike (a dense model or a uniform
+        MoE); with dense-first or interleaved MoE layers it is the MoE block's and `blocks` is
+        the exact sum.
+        """
         h, b = self.hidden, self.bias
         norm = 2 * h if self.norm is NormKind.LAYERNORM else h
         attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
@@ -270,27 +350,41 @@ class ModelSpec:
             attn += self.q_dim + 2 * self.kv_dim + h
         elif self.qkv_bias:
             attn += self.q_dim + 2 * self.kv_dim
-        if self.mlp is MlpKind.GELU:
-            mlp = 2 * h * self.ffn_hidden + (self.ffn_hidden + h if b else 0)
-        else:
-            mlp = 3 * h * self.ffn_hidden + (2 * self.ffn_hidden + h if b else 0)
-        per_block = attn + mlp + 2 * norm
+        dense_block = attn + self._mlp_params(self.ffn_hidden) + 2 * norm
+        routed = routed_active = 0
+        per_block, blocks = dense_block, dense_block * self.layers
+        if self.moe is not None:
+            m = self.moe
+            expert = self._mlp_params(m.expert_ffn_hidden)
+            shared = m.shared_experts * self._mlp_params(m.shared_ffn_hidden)
+            router = h * m.experts + (h if m.shared_expert_gate else 0)
+            per_block = attn + 2 * norm + router + shared + m.experts * expert
+            n_moe = sum(m.is_moe_layer(i) for i in range(self.layers))
+            blocks = per_block * n_moe + dense_block * (self.layers - n_moe)
+            routed, routed_active = n_moe * m.experts * expert, n_moe * m.top_k * expert
         return ParamCount(
             embedding=self.vocab * h,
             position=self.max_seq_len * h if self.position is PositionKind.LEARNED else 0,
             per_block=per_block,
-            blocks=per_block * self.layers,
+            blocks=blocks,
             final_norm=norm,
             head=0 if self.tied_embeddings else self.vocab * h,
+            routed_experts=routed,
+            routed_active=routed_active,
         )
 
     def tp_divisible(self, tp: int) -> str | None:
         """Return the rule tp breaks for this model, or None if tp can shard it."""
-        for name, value in (
+        sizes = [
             ("heads", self.heads),
             ("kv_heads", self.kv_heads),
             ("ffn_hidden", self.ffn_hidden),
-        ):
+        ]
+        if self.moe is not None:
+            sizes.append(("moe.expert_ffn_hidden", self.moe.expert_ffn_hidden))
+            if self.moe.shared_experts:
+                sizes.append(("moe.shared_ffn_hidden", self.moe.shared_ffn_hidden))
+        for name, value in sizes:
             if value % tp:
                 return f"tp={tp} must divide {name}={value}"
         return None
@@ -304,12 +398,20 @@ class ModelSpec:
         rule = self.tp_divisible(tp)
         if rule:
             raise SpecError(f"model '{self.name}': {rule}")
+        moe = self.moe
+        if moe is not None:
+            moe = replace(
+                moe,
+                expert_ffn_hidden=moe.expert_ffn_hidden // tp,
+                shared_ffn_hidden=moe.shared_ffn_hidden // tp,
+            )
         return replace(
             self,
             heads=self.heads // tp,
             kv_heads=self.kv_heads // tp,
             ffn_hidden=self.ffn_hidden // tp,
             vocab=-(-self.vocab // tp),
+            moe=moe,
         )
 
 

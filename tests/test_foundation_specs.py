@@ -292,3 +292,53 @@ def test_with_memory_headroom():
     for bad in (1, 1.5, -0.1, math.nan, math.inf, True, "0.1"):
         with pytest.raises(SpecError, match=r"memory_headroom=.* must be a fraction in \[0, 1\)"):
             cluster.with_memory_headroom(bad)  # type: ignore[arg-type]
+
+
+def _mixtral(**moe):
+    return ModelSpec(
+        name="mixtral-8x7b",
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        ffn_hidden=14336,
+        vocab=32000,
+        max_seq_len=32768,
+        mlp="swiglu",
+        norm="rmsnorm",
+        position="rope",
+        bias=False,
+        moe={"experts": 8, "top_k": 2, "expert_ffn_hidden": 14336, **moe},
+    )
+
+
+def test_moe_param_count_mixtral_total_and_active():
+    # mistralai/Mixtral-8x7B-v0.1: 46.7 B parameters, 12.9 B active per token (Jiang et al. 2024).
+    pc = _mixtral().param_count()
+    h, f = 4096, 14336
+    attn = 2 * h * h + 2 * h * 1024
+    block = attn + 2 * h + h * 8 + 8 * 3 * h * f
+    assert pc.per_block == block
+    assert pc.total == 32 * block + 2 * 32000 * h + h
+    assert pc.routed_experts == 32 * 8 * 3 * h * f
+    assert pc.active == pc.total - 32 * 6 * 3 * h * f
+    assert round(pc.total / 1e9, 1) == 46.7 and round(pc.active / 1e9, 1) == 12.9
+
+
+def test_moe_dense_first_layers_and_interval():
+    dense = replace(_mixtral(), moe=None).param_count().per_block
+    pc = _mixtral(dense_layers=2, layer_interval=2).param_count()
+    moe_layers = [
+        i for i in range(32) if _mixtral(dense_layers=2, layer_interval=2).moe.is_moe_layer(i)
+    ]
+    assert moe_layers == list(range(3, 32, 2))
+    assert pc.blocks == 15 * pc.per_block + 17 * dense
+
+
+@pytest.mark.parametrize(
+    "moe, match",
+    [({"top_k": 9}, "top_k=9 must be <= experts=8"), ({"dense_layers": 32}, "dense_layers=32")],
+)
+def test_moe_fields_are_checked(moe, match):
+    with pytest.raises(SpecError, match=match):
+        _mixtral(**moe)

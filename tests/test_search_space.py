@@ -135,3 +135,35 @@ def test_lower_bound_never_exceeds_the_estimate(gpt13b_64) -> None:
         if sol.has_split:
             planned = replace(c, stage_layers=sol.split)
             assert lb <= estimate(model, training, cluster, planned).step_time_s * (1 + 1e-12)
+
+
+def test_ep_needs_moe_and_divides_dp_and_experts():
+    from planner.errors import ConfigError
+    from planner.parallel import ParallelConfig
+
+    with pytest.raises(ConfigError, match="ep=2 needs a Mixture-of-Experts model"):
+        ParallelConfig(tp=4, pp=1, dp=2, micro_batch=1, ep=2).validate(*_ep_setup(moe=False))
+    with pytest.raises(ConfigError, match="ep=4 must divide dp=2"):
+        ParallelConfig(tp=4, pp=1, dp=2, micro_batch=1, ep=4).validate(*_ep_setup(moe=True))
+    ParallelConfig(tp=4, pp=1, dp=2, micro_batch=1, ep=2).validate(*_ep_setup(moe=True))
+
+
+def _ep_setup(moe: bool):
+    from planner.specs import ModelSpec, TrainingSpec
+
+    model = ModelSpec(
+        name="tiny-moe",
+        layers=2,
+        hidden=64,
+        heads=4,
+        kv_heads=4,
+        ffn_hidden=128,
+        vocab=256,
+        max_seq_len=64,
+        mlp="swiglu",
+        norm="rmsnorm",
+        position="rope",
+        bias=False,
+        moe={"experts": 4, "top_k": 2, "expert_ffn_hidden": 64} if moe else None,
+    )
+    return model, TrainingSpec(global_batch=4, seq_len=32), presets.load_cluster("dgx-a100-80gb", 1)
