@@ -27,7 +27,22 @@ CLUSTER_OPTION = typer.Option(..., "--cluster", help="Node-type preset or cluste
 NODES_OPTION = typer.Option(None, "--nodes", help="Number of nodes of a node-type preset.")
 GLOBAL_BATCH_OPTION = typer.Option(..., "--global-batch", help="Sequences per step.")
 SEQ_LEN_OPTION = typer.Option(..., "--seq-len", help="Tokens per sequence.")
-DTYPE_OPTION = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32")
+DTYPE_OPTION = typer.Option(
+    "bf16",
+    "--dtype",
+    help="bf16 | fp16 | fp32 | fp8 (fp8: the blocks' linears in FP8, bf16 elsewhere; needs a "
+    "GPU with FP8 tensor cores)",
+)
+GRAD_DTYPE_OPTION = typer.Option(
+    "fp32",
+    "--grad-dtype",
+    help="dtype gradients are accumulated and reduced in: fp32 | bf16 | fp16",
+)
+FLASH_OPTION = typer.Option(
+    True,
+    "--flash-attention/--no-flash-attention",
+    help="Price flash attention (the executor's SDPA) or materialised softmax attention.",
+)
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")
 MEMORY_HEADROOM_OPTION = typer.Option(
     None,
@@ -102,12 +117,30 @@ def load_profile_for(
 
 
 def training_from_args(
-    global_batch: int, seq_len: int, dtype: str, model: ModelSpec
+    global_batch: int,
+    seq_len: int,
+    dtype: str,
+    model: ModelSpec,
+    *,
+    grad_dtype: str = "fp32",
+    flash_attention: bool = True,
 ) -> TrainingSpec:
+    """`--dtype fp8` is bf16 training with FP8 linears (TrainingSpec.fp8_linears)."""
     allowed = "|".join(d.value for d in Dtype)
     if dtype not in {d.value for d in Dtype}:
         raise SpecError(f"--dtype {dtype!r} is not allowed; use one of {allowed}")
-    training = TrainingSpec(global_batch=global_batch, seq_len=seq_len, dtype=Dtype(dtype))
+    grads = [d.value for d in Dtype if d is not Dtype.FP8]
+    if grad_dtype not in grads:
+        raise SpecError(f"--grad-dtype {grad_dtype!r} is not allowed; use one of {'|'.join(grads)}")
+    fp8 = dtype == Dtype.FP8.value
+    training = TrainingSpec(
+        global_batch=global_batch,
+        seq_len=seq_len,
+        dtype=Dtype.BF16 if fp8 else Dtype(dtype),
+        grad_dtype=Dtype(grad_dtype),
+        flash_attention=flash_attention,
+        fp8_linears=fp8,
+    )
     training.check_model(model)
     return training
 

@@ -15,7 +15,9 @@ from rich.table import Table
 from cli.common import (
     CLUSTER_OPTION,
     DTYPE_OPTION,
+    FLASH_OPTION,
     GLOBAL_BATCH_OPTION,
+    GRAD_DTYPE_OPTION,
     JSON_OPTION,
     MEMORY_HEADROOM_OPTION,
     MODEL_OPTION,
@@ -160,17 +162,36 @@ def register(app: typer.Typer) -> None:
         ),
         zero: int = typer.Option(0, "--zero", help="ZeRO stage over dp: 0 | 1 | 2 | 3"),
         dtype: str = DTYPE_OPTION,
+        grad_dtype: str = GRAD_DTYPE_OPTION,
+        flash_attention: bool = FLASH_OPTION,
         profile: str = PROFILE_OPTION,
         memory_headroom: float = MEMORY_HEADROOM_OPTION,
+        runtime: str = typer.Option(
+            "executor",
+            "--runtime",
+            help="Price the runtime that will run it: executor (default, what meshplan launches) "
+            "| megatron-2021 | llm-foundry-fsdp1 (the systems the analytic constants are "
+            "calibrated on).",
+        ),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Predict step time (with breakdown), memory per GPU and throughput of one configuration."""
         from planner.cost.estimate import estimate
         from planner.parallel import ParallelConfig
+        from planner.runtime import runtime_named
+
+        semantics = runtime_named(runtime)
 
         model_spec = load_model_arg(model)
         cluster_spec = load_cluster_arg(cluster, nodes, memory_headroom)
-        training = training_from_args(global_batch, seq_len, dtype, model_spec)
+        training = training_from_args(
+            global_batch,
+            seq_len,
+            dtype,
+            model_spec,
+            grad_dtype=grad_dtype,
+            flash_attention=flash_attention,
+        )
         config = ParallelConfig(
             tp=tp,
             pp=pp,
@@ -183,7 +204,7 @@ def register(app: typer.Typer) -> None:
             zero=zero,
         )
         prof = load_profile_for(profile, cluster_spec, training, model_spec)
-        est = estimate(model_spec, training, cluster_spec, config, prof)
+        est = estimate(model_spec, training, cluster_spec, config, prof, runtime=semantics)
         if as_json:
             data = est.to_json()
             data["config"] = {name: getattr(config, name) for name in config.__dataclass_fields__}

@@ -21,7 +21,9 @@ from rich.table import Table
 from cli.common import (
     CLUSTER_OPTION,
     DTYPE_OPTION,
+    FLASH_OPTION,
     GLOBAL_BATCH_OPTION,
+    GRAD_DTYPE_OPTION,
     JSON_OPTION,
     MEMORY_HEADROOM_OPTION,
     MODEL_OPTION,
@@ -364,6 +366,8 @@ def register(app: typer.Typer) -> None:
             None, "--max-time-s", help="Stop searching after this many seconds (best so far)."
         ),
         dtype: str = DTYPE_OPTION,
+        grad_dtype: str = GRAD_DTYPE_OPTION,
+        flash_attention: bool = FLASH_OPTION,
         memory_headroom: float = MEMORY_HEADROOM_OPTION,
         placement_budget_s: float = typer.Option(
             3.0,
@@ -391,7 +395,14 @@ def register(app: typer.Typer) -> None:
         )
         model_spec = load_model_arg(model)
         cluster_spec = load_cluster_arg(cluster, nodes, memory_headroom)
-        training = training_from_args(global_batch, seq_len, dtype, model_spec)
+        training = training_from_args(
+            global_batch,
+            seq_len,
+            dtype,
+            model_spec,
+            grad_dtype=grad_dtype,
+            flash_attention=flash_attention,
+        )
         prof = load_profile_for(profile, cluster_spec, training, model_spec)
         result, planned = _search_and_place(
             model_spec, training, cluster_spec, options, prof, placement_budget_s

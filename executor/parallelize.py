@@ -29,6 +29,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from executor.activation_checkpoint import apply_ac
 from executor.device import Runtime
 from executor.dp import apply_dp
+from executor.fp8 import apply_fp8
 from executor.mesh import MeshInfo
 from executor.model import Transformer, init_weights, loss_fn
 from executor.pp import build_schedule, local_chunks, prune_to_chunk
@@ -67,6 +68,8 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
         model.to_empty(device=runtime.device)
         model.tie_weights()
         init_weights(model, seed)
+        if plan.training.fp8_linears:
+            apply_fp8(model, runtime)
         for block in model.layers.values():
             apply_ac(block, cfg.recompute)
         if cfg.dp > 1:

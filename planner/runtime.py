@@ -183,6 +183,44 @@ EXECUTOR = RuntimeSemantics(
     memory=EXECUTOR_MEMORY,
 )
 
+# Composer + PyTorch FSDP1 running MPT as llm-foundry's benchmarks did (its
+# scripts/train/benchmarking/README.md): MPT's low-precision LayerNorm runs in the autocast
+# dtype (saves a bf16 input), no dropout (MPT's benchmark configs use p = 0), ALiBi (no RoPE
+# tables), flash_attn's fused cross-entropy (ComposerMPTCausalLM's default `loss_fn:
+# fused_crossentropy`, llmfoundry/models/mpt/modeling_mpt.py): the bf16 logits and their bf16
+# gradient, one fp32 log-sum-exp per token; no pipelining.
+FSDP1_MPT_MEMORY = MemoryRules(
+    norm_input_bytes=None,
+    norm_stats=True,
+    sp_saves_gathered_inputs=False,
+    dropout=False,
+    rope_tables_saved=False,
+    fp32_residual_without_dp=False,
+    loss_bytes_per_logit=4.0,
+    loss_parallel_bytes_per_logit=4.0,
+    loss_saved_bytes_per_logit=2.0,
+    pipeline_keeps_stage_output=False,
+    recv_buffer_per_micro_batch=False,
+    pipelined_fsdp_unsharded=False,
+    embedding_grad_full_vocab=False,
+)
+
+# FSDP1 FULL_SHARD: one unit per block plus the root (embedding, final norm, head) whose
+# gradients reduce after the whole backward; reduce-scatter per unit as its gradients are
+# ready, in every micro-batch (Composer does not skip the sync when accumulating); prefetch of
+# the next unit's all-gather (BACKWARD_PRE, Zhao et al. 2023 "PyTorch FSDP" Sec. 3.3).
+LLM_FOUNDRY_FSDP1 = RuntimeSemantics(
+    name="llm-foundry (Composer + PyTorch FSDP1)",
+    grad_sync_pp1=GradSync.OVERLAPPED_UNITS,
+    grad_sync_pipelined=GradSync.OVERLAPPED_UNITS,
+    overlap_efficiency=GPU_OVERLAP_EFFICIENCY,
+    root_unit_last=True,
+    sharded_grads_reduce_every_micro_batch=True,
+    reduce_per_chunk=False,
+    zero1_runs_as_zero2=False,
+    memory=FSDP1_MPT_MEMORY,
+)
+
 MEGATRON_2021 = RuntimeSemantics(
     name="Megatron-LM 2021 (PTD-P, Narayanan et al. 2021)",
     grad_sync_pp1=GradSync.AFTER_BACKWARD,
@@ -194,3 +232,18 @@ MEGATRON_2021 = RuntimeSemantics(
     zero1_runs_as_zero2=False,
     memory=MEGATRON_MEMORY,
 )
+
+# Runtimes by the name `meshplan estimate --runtime` takes: the executor's (the default, what
+# plans launch) and the published systems the analytic constants are calibrated on, so a
+# calibration row can be priced through the CLI exactly as the calibration prices it.
+RUNTIMES = {
+    "executor": EXECUTOR,
+    "megatron-2021": MEGATRON_2021,
+    "llm-foundry-fsdp1": LLM_FOUNDRY_FSDP1,
+}
+
+
+def runtime_named(name: str) -> RuntimeSemantics:
+    if name not in RUNTIMES:
+        raise SpecError(f"--runtime {name!r} is not allowed; use one of {'|'.join(RUNTIMES)}")
+    return RUNTIMES[name]

@@ -83,20 +83,27 @@ class NormKind(str, Enum):
 
 
 class PositionKind(str, Enum):
-    """`learned`: a (max_seq_len x hidden) table (GPT); `rope`: rotary, no parameters (Llama)."""
+    """`learned`: a (max_seq_len x hidden) table (GPT); `rope`: rotary, no parameters (Llama);
+    `alibi`: linear biases on the attention scores, no parameters (Press et al. 2022; MPT,
+    BLOOM). The executor builds learned and rope only."""
 
     LEARNED = "learned"
     ROPE = "rope"
+    ALIBI = "alibi"
 
 
 class Dtype(str, Enum):
+    """Element types. FP8 (E4M3/E5M2) is a GEMM input type only: a training runs its linears in
+    it (`TrainingSpec.fp8_linears`) with bf16 everywhere else, never as its dtype."""
+
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
+    FP8 = "fp8"
 
     @property
     def nbytes(self) -> int:
-        return 4 if self is Dtype.FP32 else 2
+        return {Dtype.FP32: 4, Dtype.FP8: 1}.get(self, 2)
 
 
 class DeviceKind(str, Enum):
@@ -432,6 +439,14 @@ class GpuSpec:
     kind: DeviceKind = DeviceKind.GPU
     # Omitted from JSON when None, so plans of GPUs without it keep their bytes (and hashes).
     usable_memory_bytes: int | None = field(default=None, metadata={"json_omit_none": True})
+    # Streaming multiprocessors (compute units): the GEMM model's wave quantisation
+    # (planner/cost/kernels.py). None: one (a CPU worker, or a GPU whose count is not given).
+    sm_count: int | None = field(default=None, metadata={"json_omit_none": True})
+    # Dense FP8 tensor-core peak; None: the device has no FP8 GEMMs (A100).
+    peak_fp8_flops: float | None = field(default=None, metadata={"json_omit_none": True})
+    # Microarchitecture (ampere, hopper, ...): the analytic kernel constants are fitted per
+    # architecture where calibration data has it (planner/cost/kernels.py).
+    arch: str | None = field(default=None, metadata={"json_omit_none": True})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -446,6 +461,10 @@ class GpuSpec:
             hbm_bytes_per_s=self.hbm_bytes_per_s,
         )
         object.__setattr__(self, "kind", _enum(DeviceKind, f"{owner}.kind", self.kind))
+        if self.sm_count is not None:
+            _positive_int(owner, sm_count=self.sm_count)
+        if self.peak_fp8_flops is not None:
+            _positive(owner, peak_fp8_flops=self.peak_fp8_flops)
         usable = self.usable_memory_bytes
         if usable is not None:
             _positive_int(owner, usable_memory_bytes=usable)
@@ -467,6 +486,10 @@ class GpuSpec:
         return replace(self, usable_memory_bytes=usable)
 
     def peak_flops(self, dtype: Dtype) -> float:
+        if dtype is Dtype.FP8:
+            if self.peak_fp8_flops is None:
+                raise SpecError(f"gpu '{self.name}' has no FP8 peak (peak_fp8_tflops); use bf16")
+            return self.peak_fp8_flops
         return {
             Dtype.BF16: self.peak_bf16_flops,
             Dtype.FP16: self.peak_fp16_flops,
@@ -610,7 +633,9 @@ class TrainingSpec:
 
     Mixed precision keeps fp32 master weights and two fp32 Adam moments (Rajbhandari et al.
     2020, ZeRO Sec. 3.1: 16 bytes per parameter with bf16/fp16 weights and grads);
-    `grad_dtype` is the dtype gradients are accumulated and reduced in.
+    `grad_dtype` is the dtype gradients are accumulated and reduced in. `fp8_linears` runs the
+    transformer blocks' linears in FP8 with dynamic tensor-wise scaling (torchao float8
+    training, Transformer Engine's delayed-scaling recipe is priced alike), bf16 elsewhere.
     """
 
     global_batch: int
@@ -619,6 +644,7 @@ class TrainingSpec:
     grad_dtype: Dtype = Dtype.FP32
     optimizer: str = "adam"
     flash_attention: bool = True
+    fp8_linears: bool = field(default=False, metadata={"json_omit_default": True})
 
     def __post_init__(self) -> None:
         _positive_int("training", global_batch=self.global_batch, seq_len=self.seq_len)
@@ -628,6 +654,19 @@ class TrainingSpec:
         _bools("training", flash_attention=self.flash_attention)
         object.__setattr__(self, "dtype", _enum(Dtype, "training.dtype", self.dtype))
         object.__setattr__(self, "grad_dtype", _enum(Dtype, "training.grad_dtype", self.grad_dtype))
+        _bools("training", fp8_linears=self.fp8_linears)
+        if Dtype.FP8 in (self.dtype, self.grad_dtype):
+            raise SpecError(
+                "training.dtype/grad_dtype=fp8 is not allowed: FP8 applies to the linears only; "
+                "set fp8_linears=true with dtype=bf16 (the CLI's --dtype fp8 does)"
+            )
+        if self.fp8_linears and self.dtype is not Dtype.BF16:
+            raise SpecError(f"training.fp8_linears needs dtype=bf16 (got {self.dtype.value})")
+
+    @property
+    def gemm_dtype(self) -> Dtype:
+        """The input type of the blocks' linear GEMMs."""
+        return Dtype.FP8 if self.fp8_linears else self.dtype
         if self.optimizer != "adam":
             raise SpecError(f"training.optimizer={self.optimizer!r} is not supported; use adam")
 

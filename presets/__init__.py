@@ -59,6 +59,9 @@ GPU_KEYS = (
     "peak_fp32_tflops",
     "hbm_gb_per_s",
     "kind",
+    "sm_count",
+    "peak_fp8_tflops",
+    "arch",
 )
 LINK_KEYS = ("name", "bandwidth_gb_per_s", "latency_us")
 NODE_TYPE_KEYS = ("gpu", "gpus", "intra_link", "nic", "nics")
@@ -183,6 +186,7 @@ def gpu_from_fields(name: str, d: Any, origin: str) -> GpuSpec:
                 f"memory_gib={d['memory_gib']!r}"
             )
     kind = _str(d, "kind", origin, "gpu")
+    fp8 = None if _get(d, "peak_fp8_tflops", origin, None) is None else _number(d, "peak_fp8_tflops", origin)
     try:
         return GpuSpec(
             name=name,
@@ -193,6 +197,9 @@ def gpu_from_fields(name: str, d: Any, origin: str) -> GpuSpec:
             peak_fp32_flops=float(round(_number(d, "peak_fp32_tflops", origin) * 1e12)),
             hbm_bytes_per_s=float(round(_number(d, "hbm_gb_per_s", origin) * 1e9)),
             kind=kind,  # type: ignore[arg-type]
+            sm_count=_get(d, "sm_count", origin, None),
+            arch=_get(d, "arch", origin, None),
+            peak_fp8_flops=None if fp8 is None else float(round(fp8 * 1e12)),
         )
     except SpecError as e:
         raise SpecError(f"{origin}: {e}") from None

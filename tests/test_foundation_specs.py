@@ -221,7 +221,8 @@ def test_cluster_nodes_disagreeing_with_flag(tmp_path):
 
 def test_training_validation():
     with pytest.raises(
-        SpecError, match=r"training.dtype='fp8' is not allowed; use one of bf16\|fp16\|fp32"
+        SpecError,
+        match=r"training.dtype/grad_dtype=fp8 is not allowed: FP8 applies to the linears only",
     ):
         TrainingSpec(global_batch=8, seq_len=16, dtype="fp8")
     with pytest.raises(SpecError, match="exceeds model"):

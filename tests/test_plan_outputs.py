@@ -101,4 +101,4 @@ def test_help_shows_flags_without_a_bool_value(capsys: pytest.CaptureFixture[str
     assert main(["plan", "--help"]) == 0
     out = capsys.readouterr().out
     json_line = next(line for line in out.splitlines() if "--json" in line)
-    assert "<bool>" not in json_line and "one JSON document" in json_line
+    assert "<bool>" not in json_line and "Print one JSON" in json_line

@@ -1,62 +1,65 @@
-"""Analytic (no-profile) compute costs: FLOPs of each block and calibrated efficiency constants.
+"""Analytic (no-profile) compute costs: FLOPs of each block, the kernels a block runs, and the
+fitted constants.
 
 Owns: matmul FLOPs of a transformer block, the embedding and the head, per GPU for a tensor-
-parallel degree; the model / hardware FLOPs of a training step (throughput figures); the
-efficiency model that turns FLOPs into seconds without a measured profile; the fitted constants.
-Does not own: activation memory (memory.py), collectives (comm.py), measured times (compute.py).
+parallel degree; the model / hardware FLOPs of a training step (throughput figures); the list
+of kernels one block, the head and the embedding run (each linear by its GEMM shapes, the
+attention core by kind, every memory-bound kernel by the bytes it reads and writes), timed by
+planner/cost/kernels.py; the fitted constants (`AnalyticConstants`).
+Does not own: activation memory (memory.py), collectives (collectives.py), measured times
+(compute.py), the fit (calibration.py).
 
-Efficiency model (a roofline with a saturating GEMM efficiency):
-  gemm time       = F / (peak(dtype) * eff(F)),  eff(F) = EFF_MAX * F / (F + F_half),
-                    F = the GEMM's FLOPs on one GPU, F_half = peak(dtype) * GEMM_HALF_TIME_S
-                    (small GEMMs under-fill the SMs; the saturating form is the usual
-                    occupancy curve, cf. Williams et al. 2009 "Roofline" for the bound and
-                    NVIDIA's "Matrix Multiplication Background" guide for the wave-quantisation
-                    / tile-utilisation loss of small GEMMs). Equivalently
-                    time = (GEMM_HALF_TIME_S + F / peak) / EFF_MAX: a fixed ramp per GEMM plus
-                    the FLOPs at the attainable peak. Scaling F_half with the peak is Little's
-                    law (work in flight = throughput x latency): a faster device needs
-                    proportionally more work per GEMM to hide the same latencies, which is how
-                    the A100 fit carries over to H100s and to CPU workers;
-  memory-bound    = ELEMENTWISE_PASSES * (bytes of the activations a block produces) / HBM
-                    bandwidth (layer norms, activations, dropout, softmax, residual adds read and
-                    write the tensors the block stores; backward touches them twice as often).
-The constants are fitted by benchmarks/calibrate_analytic.py on Narayanan et al. 2021 (PTD-P)
-Table 1 (../shared/calibration/ptdp_table1.json); see benchmarks/results/calibration_report.md.
+The constants are fitted by planner/cost/calibration.py (run through
+benchmarks/calibrate_analytic.py) on two published sources together, each priced as the system
+that produced it ran (planner/runtime.py): Narayanan et al. 2021 (PTD-P) Table 1 and
+MosaicML llm-foundry's MPT benchmarks (../shared/calibration/); see
+benchmarks/results/calibration_report.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.specs import Dtype, GpuSpec, MlpKind, ModelSpec
+from planner.cost.kernels import (
+    KernelConstants,
+    flash_attention_s,
+    gemm_s,
+    linear_s,
+    memory_bound_s,
+)
+from planner.specs import Dtype, GpuSpec, MlpKind, ModelSpec, PositionKind
 
-# Fitted by benchmarks/calibrate_analytic.py on PTD-P Table 1 (A100-80GB, fp16), with the rows
-# priced as Megatron-LM 2021 ran them (planner/runtime.py MEGATRON_2021: the data-parallel
-# all-reduce after the flush, not overlapped): MAPE 1.92 %, leave-one-out MAPE 2.78 %
-# (benchmarks/results/calibration_report.md). LINK_EFFICIENCY sits at its upper bound 1.0:
-# these rows do not identify it (the issue on analytic transfer asks for nccl-tests-based
-# link efficiency per link class instead).
-# Fraction of the dtype's dense datasheet peak a large GEMM attains (dimensionless).
-EFF_MAX = 0.7150
-# A GEMM reaches half of EFF_MAX when its FLOPs equal what the GPU does at peak in this time
-# (per-GEMM ramp: launch, wave quantisation, tile tails) (seconds).
-GEMM_HALF_TIME_S = 9.264e-5
-# Passes over the bytes of the stored activations made by memory-bound kernels in forward
-# (backward makes twice as many) (dimensionless).
-ELEMENTWISE_PASSES = 2.1672
-# Fraction of a link's nominal per-direction bandwidth that NCCL collectives and p2p attain
-# (dimensionless).
-LINK_EFFICIENCY = 1.0
+# Fitted by planner/cost/calibration.py on PTD-P Table 1 and llm-foundry together (values and
+# per-source errors: benchmarks/results/calibration_report.md). Units in KernelConstants.
+EFF_MAX = 0.7538
+GEMM_OVERHEAD_S = 2.357e-4
+ATTENTION_EFFICIENCY = 0.2538
+HBM_EFFICIENCY = 0.9596
+HOPPER_EFF_MAX = 0.60
+HOPPER_ATTENTION_EFFICIENCY = 0.20
+# Fraction of a link's nominal per-direction bandwidth that NCCL's collectives attain, per link
+# class. Not fitted (the calibration rows do not identify them): estimates from nccl-tests'
+# bus bandwidth (NVIDIA nccl-tests doc/PERFORMANCE.md defines busbw so it is comparable with
+# the link's speed). NVSwitch NVLink: all_reduce busbw of about 230-240 GB/s of 300 on DGX A100
+# and 360-370 of 450 on DGX H100 without NVLS as commonly reported: 0.78. InfiniBand /
+# RoCE: 23-24 GB/s of a 25 GB/s HDR NIC per GPU (perftest ib_write_bw and nccl-tests
+# inter-node busbw): 0.92.
+INTRA_LINK_EFFICIENCY = 0.78
+NETWORK_EFFICIENCY = 0.92
 
 
 @dataclass(frozen=True, kw_only=True)
-class AnalyticConstants:
-    """The efficiency constants of the analytic path (defaults: the committed fit)."""
+class AnalyticConstants(KernelConstants):
+    """The constants of the analytic path (defaults: the committed fit and link estimates)."""
 
     eff_max: float = EFF_MAX
-    gemm_half_time_s: float = GEMM_HALF_TIME_S
-    elementwise_passes: float = ELEMENTWISE_PASSES
-    link_efficiency: float = LINK_EFFICIENCY
+    gemm_overhead_s: float = GEMM_OVERHEAD_S
+    attention_efficiency: float = ATTENTION_EFFICIENCY
+    hbm_efficiency: float = HBM_EFFICIENCY
+    hopper_eff_max: float = HOPPER_EFF_MAX
+    hopper_attention_efficiency: float = HOPPER_ATTENTION_EFFICIENCY
+    intra_link_efficiency: float = INTRA_LINK_EFFICIENCY
+    network_efficiency: float = NETWORK_EFFICIENCY
 
 
 DEFAULT_CONSTANTS = AnalyticConstants()
@@ -130,24 +133,6 @@ def hardware_flops_per_step(
     return base
 
 
-# FlashAttention-2's backward runs five matmuls per tile (S = QK^T and dP recomputed, dV, dQ,
-# dK) against the forward's two: 2.5 x the forward's FLOPs (Dao 2023, FlashAttention-2,
-# Sec. 3.1.2 and the FLOP count of its benchmarks, which use 2.5x for backward).
-FLASH_BACKWARD_FACTOR = 2.5
-
-
-def gemm_efficiency(flops: float, peak_flops: float, c: AnalyticConstants) -> float:
-    """Fraction of peak a GEMM of `flops` FLOPs attains: EFF_MAX * F / (F + peak * t_half)."""
-    return c.eff_max * flops / (flops + peak_flops * c.gemm_half_time_s)
-
-
-def gemm_time_s(flops: float, gpu: GpuSpec, dtype: Dtype, c: AnalyticConstants) -> float:
-    if flops <= 0:
-        return 0.0
-    peak = gpu.peak_flops(dtype)
-    return flops / (peak * gemm_efficiency(flops, peak, c))
-
-
 @dataclass(frozen=True, kw_only=True)
 class PassTimes:
     """Seconds of one micro-batch through a block on one GPU, TP collectives excluded.
@@ -159,6 +144,69 @@ class PassTimes:
     backward_s: float
 
 
+def _linears(model: ModelSpec, tp: int) -> tuple[tuple[float, float], ...]:
+    """(output, input) widths of a block's linears on one TP rank (Megatron split: q/k/v and the
+    MLP's first matrices column-parallel, the output and down projections row-parallel)."""
+    h, f = model.hidden, model.ffn_hidden / tp
+    up = ((f, h),) * (1 if model.mlp is MlpKind.GELU else 2)
+    return (((model.q_dim + 2 * model.kv_dim) / tp, h), (h, model.q_dim / tp), *up, (h, f))
+
+
+def _elementwise_bytes(
+    model: ModelSpec, tokens: float, tp: int, sequence_parallel: bool, dtype: Dtype, dropout: bool
+) -> float:
+    """Bytes the memory-bound kernels of one block's forward read plus write (one TP rank).
+
+    Two norms (read x, write y), two residual adds (read 2, write 1), the MLP activation
+    (GELU: read and write ffn; SwiGLU: read gate and up, write the product), RoPE on q and k
+    (read and write), and with dropout two dropouts (read, write, 1-byte mask; Megatron fuses
+    the bias add into them). Norms and adds run on the whole sequence on every TP rank unless
+    sequence parallelism splits it (Korthikanti et al. 2022 Sec. 4.2.2).
+    """
+    d = dtype.nbytes
+    seq_part = tokens * model.hidden / (tp if sequence_parallel else 1)
+    per_seq = 2 * 2 * d + 2 * 3 * d + (2 * (2 * d + 1) if dropout else 0)
+    act = (2 if model.mlp is MlpKind.GELU else 3) * d * tokens * model.ffn_hidden / tp
+    rope = 2 * d * tokens * (model.q_dim + model.kv_dim) / tp
+    return per_seq * seq_part + act + (rope if model.position is PositionKind.ROPE else 0.0)
+
+
+def _fp8_cast_bytes(model: ModelSpec, tokens: float, tp: int, compute_bytes: int) -> float:
+    """Forward bytes of the FP8 casts of a block: every linear's input and weight are read for
+    their amax and read again to write the 1-byte copy (dynamic tensor-wise scaling, torchao
+    float8 training; Micikevicius et al. 2022 "FP8 formats for deep learning")."""
+    elems = sum(tokens * k + k * n for n, k in _linears(model, tp))
+    return elems * (2 * compute_bytes + 1)
+
+
+def _attention_core(
+    model: ModelSpec,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    flash: bool,
+    dtype: Dtype,
+    dropout: bool,
+    gpu: GpuSpec,
+    c: KernelConstants,
+) -> tuple[float, float]:
+    """(forward, backward) seconds of the attention core: flash executes the causal half of
+    QK^T and PV (Dao et al. 2022); the materialised path runs both batched GEMMs over the full
+    square plus the softmax (and dropout) over b*a/t*s^2 scores (Megatron's fused scaled masked
+    softmax reads the scores and writes the probabilities)."""
+    full = block_flops(model, micro_batch, seq_len, tp).attention
+    if flash:
+        return flash_attention_s(0.5 * full, gpu, dtype, c)
+    rows = micro_batch * model.heads / tp * seq_len
+    qk = gemm_s(rows, seq_len, model.head_dim, gpu, dtype, c)
+    pv = gemm_s(rows, model.head_dim, seq_len, gpu, dtype, c)
+    d = dtype.nbytes
+    scores = rows * seq_len
+    softmax = memory_bound_s(scores * (2 * d + ((2 * d + 1) if dropout else 0)), gpu, c)
+    fwd = qk + pv + softmax
+    return fwd, 2.0 * fwd
+
+
 def block_times(
     model: ModelSpec,
     *,
@@ -167,34 +215,46 @@ def block_times(
     tp: int,
     recompute: str,
     flash_attention: bool,
-    elementwise_bytes: float,
+    sequence_parallel: bool,
+    dropout: bool,
     gpu: GpuSpec,
     dtype: Dtype,
-    c: AnalyticConstants = DEFAULT_CONSTANTS,
+    gemm_dtype: Dtype | None = None,
+    c: KernelConstants = DEFAULT_CONSTANTS,
 ) -> PassTimes:
-    """Analytic forward/backward time of one block (see the module docstring for the model).
-
-    Backward runs two GEMMs per forward GEMM (input and weight gradients). Flash attention
-    skips the masked upper triangle of a causal s x s product (Dao et al. 2022), so half of the
-    attention FLOPs are executed; the materialised path computes the full square.
-    `elementwise_bytes` is the block's stored-activation bytes without recompute (memory.py).
-    """
-    fl = block_flops(model, micro_batch, seq_len, tp)
-    gemm_fwd = sum(gemm_time_s(g, gpu, dtype, c) for g in fl.gemms)
-    attn_exec = fl.attention * (0.5 if flash_attention else 1.0)
-    attn_fwd = gemm_time_s(attn_exec, gpu, dtype, c)
-    mem_fwd = c.elementwise_passes * elementwise_bytes / gpu.hbm_bytes_per_s
-    fwd = gemm_fwd + attn_fwd + mem_fwd
-    bwd = 2.0 * gemm_fwd + FLASH_BACKWARD_FACTOR * attn_fwd + 2.0 * mem_fwd
-    if not flash_attention:
-        bwd = 2.0 * (gemm_fwd + attn_fwd + mem_fwd)
+    """Analytic forward/backward time of one block: its linears by GEMM shape
+    (kernels.linear_s, in `gemm_dtype`: FP8 with fp8 linears), the attention core, and its
+    memory-bound kernels by bytes; backward streams twice the forward's elementwise bytes
+    (saved input and incoming gradient read, gradient written). Full recompute runs the
+    forward again in backward; selective re-runs the checkpointed attention core (executor/
+    model.py Attention.core under torch.utils.checkpoint), flash or not."""
+    gd = gemm_dtype or dtype
+    tokens = micro_batch * seq_len
+    fwd = bwd = 0.0
+    for n, k in _linears(model, tp):
+        f, b = linear_s(tokens, n, k, gpu, gd, c)
+        fwd, bwd = fwd + f, bwd + b
+    attn_f, attn_b = _attention_core(
+        model, micro_batch, seq_len, tp, flash_attention, dtype, dropout, gpu, c
+    )
+    elem = _elementwise_bytes(model, tokens, tp, sequence_parallel, dtype, dropout)
+    if gd is Dtype.FP8:
+        # casts of the inputs in forward; of the output gradients and weights again in backward
+        elem += _fp8_cast_bytes(model, tokens, tp, dtype.nbytes)
+    mem_f = memory_bound_s(elem, gpu, c)
+    fwd += attn_f + mem_f
+    bwd += attn_b + 2.0 * mem_f
     if recompute == "full":
         bwd += fwd
     elif recompute == "selective":
-        # the checkpointed attention core runs its forward again in backward (executor/model.py
-        # Attention.core under torch.utils.checkpoint), flash or not
-        bwd += attn_fwd
+        bwd += attn_f
     return PassTimes(forward_s=fwd, backward_s=bwd)
+
+
+# Bytes per logit element the loss streams: the head's output written in the compute dtype,
+# read and written as an fp32 copy, log-softmax read and written in fp32 (forward); backward
+# reads the saved log-softmax, writes the fp32 gradient and its compute-dtype cast.
+LOSS_FORWARD_BYTES_PER_LOGIT = 12.0
 
 
 def head_times(
@@ -205,14 +265,17 @@ def head_times(
     tp: int,
     gpu: GpuSpec,
     dtype: Dtype,
-    c: AnalyticConstants = DEFAULT_CONSTANTS,
+    c: KernelConstants = DEFAULT_CONSTANTS,
 ) -> PassTimes:
-    """Final norm + vocabulary projection + cross-entropy (logits in fp32: 4 B per element
-    written, read by the softmax, and again in backward)."""
-    fwd_gemm = gemm_time_s(head_flops(model, micro_batch, seq_len, tp), gpu, dtype, c)
-    logits_bytes = 4.0 * micro_batch * seq_len * model.vocab / tp
-    mem = c.elementwise_passes * 2.0 * logits_bytes / gpu.hbm_bytes_per_s
-    return PassTimes(forward_s=fwd_gemm + mem, backward_s=2.0 * fwd_gemm + 2.0 * mem)
+    """Final norm + vocabulary projection (vocab-parallel, T x V/t x h) + cross-entropy."""
+    tokens = micro_batch * seq_len
+    f, b = linear_s(tokens, -(-model.vocab // tp), model.hidden, gpu, dtype, c)
+    d = dtype.nbytes
+    logits = tokens * model.vocab / tp
+    mem = memory_bound_s(
+        (LOSS_FORWARD_BYTES_PER_LOGIT + 2 * d) * logits + 2 * d * tokens * model.hidden, gpu, c
+    )
+    return PassTimes(forward_s=f + mem, backward_s=b + mem)
 
 
 def embedding_times(
@@ -222,10 +285,10 @@ def embedding_times(
     seq_len: int,
     gpu: GpuSpec,
     dtype: Dtype,
-    c: AnalyticConstants = DEFAULT_CONSTANTS,
+    c: KernelConstants = DEFAULT_CONSTANTS,
 ) -> PassTimes:
-    """Token (+ position) lookup: memory bound, reads and writes T*h elements; backward
-    scatters the gradient into the table."""
+    """Token (+ position) lookup: reads and writes T*h elements; backward reads the gradient
+    and read-modify-writes the table rows it touches."""
     nbytes = 2.0 * micro_batch * seq_len * model.hidden * dtype.nbytes
-    t = c.elementwise_passes * nbytes / gpu.hbm_bytes_per_s
-    return PassTimes(forward_s=t, backward_s=2.0 * t)
+    t = memory_bound_s(nbytes, gpu, c)
+    return PassTimes(forward_s=t, backward_s=1.5 * t)

@@ -1,46 +1,78 @@
-"""The PTD-P Table 1 calibration set as specs, and the error of the analytic model on it.
+"""The calibration sources as specs, their predictions, and the fit of the analytic constants.
 
-Owns: turning a row of ../shared/calibration/ptdp_table1.json (Narayanan et al. 2021, Table 1)
-into (ModelSpec, TrainingSpec, ClusterSpec, ParallelConfig), and the per-row prediction of
-hardware TFLOP/s per GPU (Eq. 3 convention, counts the recompute forward) for given constants.
-Does not own: reading the file (callers pass the parsed JSON) or the fit
+Owns: turning the rows of ../shared/calibration/ (ptdp_table1.json: Narayanan et al. 2021,
+Table 1; llm_foundry.json: MosaicML llm-foundry MPT benchmarks) into (ModelSpec, TrainingSpec,
+ClusterSpec, ParallelConfig, runtime) cases; the prediction of each row in the quantity its
+source measured, through `estimate` (the code `meshplan estimate` runs); the fit of the
+constants of planner/cost/analytic.py (bounded Nelder-Mead on the mean squared log ratio, every
+source weighted equally) and leave-one-source-out errors.
+Does not own: reading files (callers pass parsed JSON), writing the report
 (benchmarks/calibrate_analytic.py).
 
-How the rows are modelled (the system that produced them, Megatron-LM in 2021): GPT shape
-(learned positions, LayerNorm, GELU MLP with ffn = 4h, biases, tied embeddings, dropout),
-vocab and seq from the file, fp16 mixed precision with fp32 gradients, full activation
-recompute, materialised softmax attention (no flash attention in 2021), no sequence parallelism
-(introduced in 2022), ZeRO 0, interleaved 1F1B when virtual_stages > 1, on dgx-a100-80gb nodes;
-the data-parallel all-reduce after the pipeline flush, not overlapped (`runtime.MEGATRON_2021`).
+How each source's system is modelled (never per row):
+- PTD-P (Megatron-LM 2021): GPT shape (learned positions, LayerNorm, GELU, ffn 4h, biases, tied
+  embeddings, dropout), fp16 with fp32 gradients, full recompute, materialised softmax (no flash
+  attention in 2021), no SP, ZeRO 0, interleaved 1F1B when virtual_stages > 1, DGX A100 nodes,
+  the DP all-reduce after the flush (`runtime.MEGATRON_2021`). Quantity: hardware TFLOP/s per
+  GPU (Eq. 3 convention).
+- llm-foundry (Composer + PyTorch FSDP1): MPT shape (ALiBi: no position parameters, LayerNorm,
+  GELU, no biases, tied embeddings, no dropout), bf16 autocast, FULL_SHARD as ZeRO-3 (SHARD_GRAD_OP
+  as ZeRO-2), gradients reduced in fp32 (mixed_precision DEFAULT) or bf16 (PURE), FP8 linears for
+  the amp_fp8 rows, flash attention, dp = GPUs, `runtime.LLM_FOUNDRY_FSDP1`; A100 rows on DGX
+  A100-style nodes (8 x 200 Gb/s RoCE = the 1600 Gb/s the source states), H100 rows on DGX H100
+  nodes (the source does not state the network: an assumption). Quantity: tokens/s per GPU
+  (independent of FLOP conventions, as the source's README asks).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
 
 from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
 from planner.cost.estimate import estimate
+from planner.cost.memory import ALLOCATOR_FRAGMENTATION
 from planner.hf import model_from_fields
 from planner.parallel import ParallelConfig, Recompute, Schedule
-from planner.runtime import MEGATRON_2021
-from planner.specs import ClusterSpec, Dtype, ModelSpec, TrainingSpec
+from planner.runtime import LLM_FOUNDRY_FSDP1, MEGATRON_2021, RuntimeSemantics
+from planner.specs import ClusterSpec, Dtype, ModelSpec, PositionKind, TrainingSpec
 
-NODE_TYPE = "dgx-a100-80gb"
+PTDP = "ptdp_table1"
+LLM_FOUNDRY = "llm_foundry"
 GPUS_PER_NODE = 8
+# llm-foundry's GPU names -> (meshplan GPU preset, node type whose links it sits on)
+FOUNDRY_HARDWARE = {
+    "A100-SXM-40GB": ("A100-40GB", "dgx-a100-80gb"),
+    "A100-SXM-80GB": ("A100-80GB", "dgx-a100-80gb"),
+    "H100-SXM-80GB": ("H100-SXM-80GB", "dgx-h100"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class CalibrationCase:
     label: str
+    source: str
     model: ModelSpec
     training: TrainingSpec
     cluster: ClusterSpec
     config: ParallelConfig
-    measured_tflops_per_gpu: float
+    runtime: RuntimeSemantics
+    # what the source measured: hardware TFLOP/s per GPU (PTD-P) or tokens/s per GPU
+    measured: float
+    quantity: str
 
 
-def cases(table: dict[str, Any]) -> tuple[CalibrationCase, ...]:
+def _physical(cluster: ClusterSpec) -> ClusterSpec:
+    """The cluster planning against each GPU's whole memory: a row ran, so its peak was at most
+    the device's memory; the planner's 5 % headroom is a safety policy, not a prediction."""
+    nodes = tuple(replace(n, gpu=n.gpu.with_memory_headroom(0.0)) for n in cluster.nodes)
+    return replace(cluster, nodes=nodes)
+
+
+def ptdp_cases(table: dict[str, Any]) -> tuple[CalibrationCase, ...]:
     from presets import load_cluster
 
     seq, vocab = int(table["training"]["seq"]), int(table["training"]["vocab"])
@@ -73,42 +105,238 @@ def cases(table: dict[str, Any]) -> tuple[CalibrationCase, ...]:
             virtual_stages=v,
             recompute=Recompute.FULL,
         )
-        cluster = load_cluster(NODE_TYPE, row["gpus"] // GPUS_PER_NODE)
         out.append(
             CalibrationCase(
                 label=label,
+                source=PTDP,
                 model=model,
                 training=training,
-                cluster=cluster,
+                cluster=_physical(load_cluster("dgx-a100-80gb", row["gpus"] // GPUS_PER_NODE)),
                 config=config,
-                measured_tflops_per_gpu=float(row["tflops_per_gpu"]),
+                runtime=MEGATRON_2021,
+                measured=float(row["tflops_per_gpu"]),
+                quantity="hardware_tflops_per_gpu",
             )
         )
     return tuple(out)
 
 
-def predicted_tflops(
-    case: CalibrationCase, constants: AnalyticConstants = DEFAULT_CONSTANTS
-) -> float:
-    """Hardware TFLOP/s per GPU the analytic model predicts for a row."""
+def _foundry_cluster(gpu_name: str, gpus: int) -> ClusterSpec:
+    from presets import load_gpu, load_node_type
+
+    preset, node_type = FOUNDRY_HARDWARE[gpu_name]
+    node = replace(load_node_type(node_type), gpu=load_gpu(preset))
+    nodes = max(1, gpus // GPUS_PER_NODE)
+    if gpus < GPUS_PER_NODE:
+        node = replace(node, gpus=gpus)
+    return _physical(ClusterSpec(name=f"{node_type}-{preset}x{nodes}", nodes=(node,) * nodes))
+
+
+def llm_foundry_cases(table: dict[str, Any]) -> tuple[CalibrationCase, ...]:
+    out = []
+    for row in table["rows"]:
+        m, seq, gpus = row["model"], int(row["seq_len"]), int(row["num_gpus"])
+        model = ModelSpec(
+            name=m["name"],
+            layers=m["layers"],
+            hidden=m["hidden"],
+            heads=m["heads"],
+            kv_heads=m["kv_heads"],
+            ffn_hidden=m["ffn"],
+            vocab=m["vocab"],
+            max_seq_len=seq,
+            tied_embeddings=True,
+            position=PositionKind.ALIBI,
+            bias=False,
+        )
+        pure = "PURE" in row["zero_fsdp"]
+        training = TrainingSpec(
+            global_batch=int(row["global_batch"]),
+            seq_len=seq,
+            dtype=Dtype.BF16,
+            grad_dtype=Dtype.BF16 if pure else Dtype.FP32,
+            flash_attention=True,
+            fp8_linears=row["precision"] == "amp_fp8",
+        )
+        config = ParallelConfig(
+            tp=1,
+            pp=1,
+            dp=gpus,
+            micro_batch=int(row["micro_batch"]),
+            recompute=Recompute.FULL if row["recompute"] == "full" else Recompute.NONE,
+            zero=2 if "SHARD_GRAD_OP" in row["zero_fsdp"] else 3,
+        )
+        out.append(
+            CalibrationCase(
+                label=row["id"],
+                source=LLM_FOUNDRY,
+                model=model,
+                training=training,
+                cluster=_foundry_cluster(row["hardware"]["gpu"], gpus),
+                config=config,
+                runtime=LLM_FOUNDRY_FSDP1,
+                measured=float(row["measured"]["tokens_per_s_per_gpu"]),
+                quantity="tokens_per_s_per_gpu",
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    value: float
+    fits: bool
+
+    def error_pct(self, case: CalibrationCase) -> float:
+        return 100.0 * (self.value - case.measured) / case.measured
+
+
+def predict(case: CalibrationCase, constants: AnalyticConstants = DEFAULT_CONSTANTS) -> Prediction:
+    """The row's measured quantity as `estimate` predicts it (analytic path, the row's runtime)."""
     est = estimate(
         case.model,
         case.training,
         case.cluster,
         case.config,
         constants=constants,
-        runtime=MEGATRON_2021,
+        runtime=case.runtime,
     )
-    return est.hardware_tflops_per_gpu
+    if case.quantity == "hardware_tflops_per_gpu":
+        value = est.hardware_tflops_per_gpu
+    else:
+        value = est.tokens_per_s / case.cluster.num_gpus
+    # A row ran, so its live tensors plus the framework's reserve fit the device; the
+    # fragmentation allowance on activations is, like the 5 % headroom, a planning margin.
+    live = est.peak_memory_bytes - ALLOCATOR_FRAGMENTATION * est.memory_breakdown.activations
+    return Prediction(value=value, fits=live <= est.memory_capacity_bytes)
 
 
 def percentage_errors(
     all_cases: tuple[CalibrationCase, ...], constants: AnalyticConstants = DEFAULT_CONSTANTS
 ) -> list[float]:
     """Signed error per row in percent: 100 * (predicted - measured) / measured."""
-    return [
-        100.0
-        * (predicted_tflops(c, constants) - c.measured_tflops_per_gpu)
-        / c.measured_tflops_per_gpu
-        for c in all_cases
-    ]
+    return [predict(c, constants).error_pct(c) for c in all_cases]
+
+
+# --- the fit
+
+# Fitted constants and their search box (physical ranges): eff_max [-], log10 gemm_overhead_s
+# [s], attention_efficiency [-], hbm_efficiency [-], hopper_eff_max [-],
+# hopper_attention_efficiency [-].
+FITTED = (
+    "eff_max",
+    "gemm_overhead_s",
+    "attention_efficiency",
+    "hbm_efficiency",
+    "hopper_eff_max",
+    "hopper_attention_efficiency",
+)
+LOWER = np.array([0.30, -7.0, 0.10, 0.30, 0.30, 0.10])
+UPPER = np.array([1.00, -3.0, 1.00, 1.00, 1.00, 1.00])
+
+
+def to_constants(x: np.ndarray, base: AnalyticConstants = DEFAULT_CONSTANTS) -> AnalyticConstants:
+    x = np.clip(x, LOWER, UPPER)
+    return replace(
+        base,
+        eff_max=float(x[0]),
+        gemm_overhead_s=float(10 ** x[1]),
+        attention_efficiency=float(x[2]),
+        hbm_efficiency=float(x[3]),
+        hopper_eff_max=float(x[4]),
+        hopper_attention_efficiency=float(x[5]),
+    )
+
+
+def from_constants(c: AnalyticConstants) -> np.ndarray:
+    return np.array(
+        [
+            c.eff_max,
+            np.log10(c.gemm_overhead_s),
+            c.attention_efficiency,
+            c.hbm_efficiency,
+            c.hopper_eff_max,
+            c.hopper_attention_efficiency,
+        ]
+    )
+
+
+def loss(x: np.ndarray, rows: tuple[CalibrationCase, ...]) -> float:
+    """Mean over sources of the mean squared log ratio predicted / measured."""
+    c = to_constants(x)
+    by_source: dict[str, list[float]] = {}
+    for k in rows:
+        r = float(np.log(predict(k, c).value / k.measured))
+        by_source.setdefault(k.source, []).append(r * r)
+    return float(np.mean([np.mean(v) for v in by_source.values()]))
+
+
+def nelder_mead(
+    f: Callable[[np.ndarray], float], x0: np.ndarray, iters: int, step: np.ndarray
+) -> np.ndarray:
+    """Bounded Nelder-Mead (Nelder & Mead 1965; standard coefficients 1, 2, 0.5, 0.5)."""
+    n = len(x0)
+    simplex = [np.clip(x0, LOWER, UPPER)]
+    for i in range(n):
+        p = x0.copy()
+        p[i] += step[i]
+        simplex.append(np.clip(p, LOWER, UPPER))
+    vals = [f(p) for p in simplex]
+    for _ in range(iters):
+        order = np.argsort(vals)
+        simplex = [simplex[i] for i in order]
+        vals = [vals[i] for i in order]
+        centroid = np.mean(simplex[:-1], axis=0)
+        xr = np.clip(centroid + (centroid - simplex[-1]), LOWER, UPPER)
+        fr = f(xr)
+        if fr < vals[0]:
+            xe = np.clip(centroid + 2 * (centroid - simplex[-1]), LOWER, UPPER)
+            fe = f(xe)
+            simplex[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < vals[-2]:
+            simplex[-1], vals[-1] = xr, fr
+        else:
+            xc = np.clip(centroid + 0.5 * (simplex[-1] - centroid), LOWER, UPPER)
+            fc = f(xc)
+            if fc < vals[-1]:
+                simplex[-1], vals[-1] = xc, fc
+            else:
+                for i in range(1, n + 1):
+                    simplex[i] = simplex[0] + 0.5 * (simplex[i] - simplex[0])
+                    vals[i] = f(simplex[i])
+        if max(vals) - min(vals) < 1e-10:
+            break
+    return simplex[int(np.argmin(vals))]
+
+
+def fit(
+    rows: tuple[CalibrationCase, ...],
+    start: AnalyticConstants = DEFAULT_CONSTANTS,
+    iters: int = 120,
+) -> AnalyticConstants:
+    step = np.array([0.1, 0.7, 0.15, 0.15, 0.1, 0.1])
+    x0 = from_constants(start)
+    best = nelder_mead(lambda x: loss(x, rows), x0, iters, step)
+    # restart once from the optimum (Nelder-Mead can stall on a degenerate simplex)
+    best = nelder_mead(lambda x: loss(x, rows), best, iters // 2, step / 4)
+    return to_constants(best, start)
+
+
+def leave_one_source_out(
+    rows: tuple[CalibrationCase, ...], start: AnalyticConstants, iters: int = 120
+) -> dict[str, tuple[AnalyticConstants, list[float]]]:
+    """Per source: the constants fitted on the other sources and this source's errors with them.
+
+    Constants the remaining rows do not identify (the Hopper pair without H100 rows) take the
+    Ampere values, as a prediction without calibration data for that architecture would."""
+    out = {}
+    for source in sorted({r.source for r in rows}):
+        rest = tuple(r for r in rows if r.source != source)
+        held = tuple(r for r in rows if r.source == source)
+        c = fit(rest, start, iters)
+        if not any(g.gpu.arch == "hopper" for r in rest for g in (r.cluster.nodes[0],)):
+            c = replace(
+                c, hopper_eff_max=c.eff_max, hopper_attention_efficiency=c.attention_efficiency
+            )
+        out[source] = (c, percentage_errors(held, c))
+    return out

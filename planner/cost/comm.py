@@ -47,10 +47,20 @@ class ClusterArrays:
     """Per-node link numbers and the (pp, dp, tp) array of node ids for one config (built once
     per estimate call)."""
 
-    def __init__(self, cluster: ClusterSpec, config: ParallelConfig, link_efficiency: float):
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        config: ParallelConfig,
+        intra_efficiency: float,
+        network_efficiency: float | None = None,
+    ):
+        """`intra_efficiency` scales the intra-node links, `network_efficiency` (default the
+        same) the NICs and inter-switch links: the fraction of nominal bandwidth NCCL attains
+        per link class (analytic.py INTRA_LINK_EFFICIENCY / NETWORK_EFFICIENCY)."""
         nodes = cluster.nodes
         self.cluster = cluster
-        self.eff = link_efficiency
+        self.eff = intra_efficiency
+        self.net_eff = intra_efficiency if network_efficiency is None else network_efficiency
         # one row of link numbers per distinct node object (presets repeat the same NodeSpec),
         # so large clusters cost one Python step per distinct node, the rest is numpy
         distinct: dict[int, int] = {}
@@ -79,13 +89,13 @@ class ClusterArrays:
         self.gpu = placement.reshape(config.pp, config.dp, config.tp)
         self.node = node_of_gpu[self.gpu]
         self.switch = table[:, 1].astype(np.int64)
-        self.net_bw = table[:, 2] * self.eff
-        self.nic_bw = table[:, 3] * self.eff
+        self.net_bw = table[:, 2] * self.net_eff
+        self.nic_bw = table[:, 3] * self.net_eff
         self.nic_lat = table[:, 4]
         self.intra_bw = table[:, 5] * self.eff
         self.intra_lat = table[:, 6]
         isl = cluster.inter_switch_link
-        self.isl_bw = isl.bandwidth_bytes_per_s * self.eff if isl else np.inf
+        self.isl_bw = isl.bandwidth_bytes_per_s * self.net_eff if isl else np.inf
         self.isl_lat = isl.latency_s if isl else 0.0
 
     def axis_links(self, axis: MeshAxis) -> tuple[GroupLink, ...]:

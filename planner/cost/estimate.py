@@ -30,6 +30,7 @@ from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
 from planner.cost.corrections import correct_estimate, lower_bound_scale, micro_batch_slots
 from planner.cost.dp_sync import RankSyncInputs, exposed_dp_s
 from planner.cost.rankcosts import AG, AR, RS, RankCosts, build_rank_costs
+from planner.cost.regime import regime_reasons
 from planner.cost.schedule import simulate
 from planner.cost.split_problem import SplitProblem
 from planner.parallel import ParallelConfig
@@ -90,6 +91,10 @@ class Estimate:
     # Set when the profile carries calibration corrections (planner/cost/corrections.py).
     uncorrected_step_time_s: float | None = None
     corrections: dict[str, Any] | None = None
+    # Analytic path only (None when measured): inside the calibration's envelope, and why not
+    # (planner/cost/regime.py).
+    calibrated_regime: bool | None = None
+    regime_reasons: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         def mem(b: MemoryBreakdown) -> dict[str, float]:
@@ -131,6 +136,8 @@ class Estimate:
                 for s in self.stages
             ],
             "notes": list(self.notes),
+            "calibrated_regime": self.calibrated_regime,
+            "calibrated_regime_reasons": list(self.regime_reasons),
             **(
                 {
                     "uncorrected_step_time_s": self.uncorrected_step_time_s,
@@ -407,6 +414,15 @@ def estimate(
         training.flash_attention,
     )
     peak_sum = sum(n.gpu.peak_flops(dtype) * n.gpus for n in cluster.nodes)
+    notes = rc.notes
+    reasons: tuple[str, ...] = ()
+    if rc.source == "analytic":
+        reasons = regime_reasons(training, cluster, config)
+        notes += tuple(f"outside the calibrated regime: {r}" for r in reasons)
+    if training.fp8_linears:
+        notes += ("fp8: MFU against the bf16 peak",)
+    if runtime is not EXECUTOR:
+        notes += (f"priced as {runtime.name}, not meshplan's executor",)
     est = Estimate(
         step_time_s=step,
         tokens_per_s=tokens / step,
@@ -420,7 +436,9 @@ def estimate(
         breakdown=breakdown,
         memory_breakdown=stages[worst].memory,
         stages=tuple(stages),
-        notes=rc.notes,
+        notes=notes,
+        calibrated_regime=None if rc.source != "analytic" else not reasons,
+        regime_reasons=reasons,
     )
     if profile is not None and profile.corrections is not None:
         slots = micro_batch_slots(m, pp, v)

@@ -113,7 +113,9 @@ def build_rank_costs(
     sp, rc, flash = config.sequence_parallel, config.recompute.value, training.flash_attention
     m = config.num_micro_batches(training)
     notes: list[str] = []
-    arrays = ClusterArrays(cluster, config, constants.link_efficiency)
+    arrays = ClusterArrays(
+        cluster, config, constants.intra_link_efficiency, constants.network_efficiency
+    )
     types = _rank_gpu_types(arrays, cluster, pp)
     gpus: dict[int, GpuSpec] = {i: cluster.nodes[i].gpu for t in types for i in t}
 
@@ -161,9 +163,11 @@ def build_rank_costs(
                 tp=tp,
                 recompute=rc,
                 flash_attention=flash,
-                elementwise_bytes=block_act_none,
+                sequence_parallel=sp,
+                dropout=memory.has_dropout(model, rules),
                 gpu=gpu,
                 dtype=dtype,
+                gemm_dtype=training.gemm_dtype,
                 c=constants,
             ),
             "embedding": analytic.embedding_times(
