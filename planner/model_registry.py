@@ -96,15 +96,18 @@ def _gated_mlp(c: HfConfig, act_key: str = "hidden_act", default: str = "silu") 
     }
 
 
-def _sliding(c: HfConfig, layers: int, rule: Callable[[int], bool] | None) -> dict[str, Any]:
-    """Sliding-window layers from `layer_types` when given, else the family's rule
-    (None: no sliding window in this config)."""
+def _sliding(
+    c: HfConfig, layers: int, rule: Callable[[int], bool] | None, default: int = 0
+) -> dict[str, Any]:
+    """Sliding-window layers from `layer_types` when given, else the family's rule (None: no
+    sliding window in this config); `default`: the config class's window when the key is
+    absent (a null key means none)."""
     c.ignore("use_sliding_window", "max_window_layers")
     c.get("layer_types", default=None)
     c.get("sliding_window", default=None)
     if rule is None:
         return {}
-    window = c.count("sliding_window")
+    window = c.count("sliding_window", default if "sliding_window" not in c.cfg else 0)
     if c.has("layer_types"):
         types = c.cfg["layer_types"]
         kinds = {"full_attention", "sliding_attention"}
@@ -138,8 +141,9 @@ def _llama(c: HfConfig) -> dict[str, Any]:
 
 def _mistral(c: HfConfig) -> dict[str, Any]:
     f = {**_LLAMA_STYLE, **_core(c), **_gated_mlp(c), **_tie(c, False), "bias": False}
-    rule = (lambda i: True) if c.has("sliding_window") else None
-    return {**f, **_sliding(c, f["layers"], rule)}
+    # MistralConfig.sliding_window defaults to 4096; a null key turns it off.
+    rule = None if "sliding_window" in c.cfg and not c.has("sliding_window") else lambda i: True
+    return {**f, **_sliding(c, f["layers"], rule, default=4096)}
 
 
 def _qwen_sliding(c: HfConfig, layers: int) -> dict[str, Any]:
@@ -148,7 +152,7 @@ def _qwen_sliding(c: HfConfig, layers: int) -> dict[str, Any]:
         c.ignore("sliding_window", "max_window_layers", "layer_types")
         return {}
     start = c.count("max_window_layers", 28)
-    return _sliding(c, layers, lambda i: i >= start)
+    return _sliding(c, layers, lambda i: i >= start, default=4096)
 
 
 def _qwen2(c: HfConfig) -> dict[str, Any]:
@@ -197,7 +201,7 @@ def _gemma(c: HfConfig) -> dict[str, Any]:
 def _gemma2(c: HfConfig) -> dict[str, Any]:
     c.ignore("hidden_act", "query_pre_attn_scalar")  # Gemma2MLP reads hidden_activation
     f = _gemma_common(c, "hidden_activation")
-    f.update(post_norms=True, **_sliding(c, f["layers"], lambda i: i % 2 == 0))
+    f.update(post_norms=True, **_sliding(c, f["layers"], lambda i: i % 2 == 0, default=4096))
     f["attn_logit_softcap"] = c.number("attn_logit_softcapping", 50.0)
     f["final_logit_softcap"] = c.number("final_logit_softcapping", 30.0)
     return f
@@ -400,7 +404,7 @@ def _qwen2_moe(c: HfConfig) -> dict[str, Any]:
         sliding: dict[str, Any] = {}
     else:
         end = c.count("max_window_layers", 28)
-        sliding = _sliding(c, f["layers"], lambda i: i % 2 == 0 and i < end)
+        sliding = _sliding(c, f["layers"], lambda i: i % 2 == 0 and i < end, default=4096)
     return {**f, "qkv_bias": c.flag("qkv_bias", True), "moe": moe, **sliding}
 
 
@@ -416,8 +420,9 @@ def _qwen3_moe(c: HfConfig) -> dict[str, Any]:
         layer_interval=step,
     )
     bias = c.flag("attention_bias", False)
-    if c.flag("use_sliding_window", False) and c.has("sliding_window"):
-        sliding = _sliding(c, f["layers"], lambda i: True)  # Qwen3MoeAttention: every layer
+    if c.flag("use_sliding_window", False):
+        # Qwen3MoeAttention: every layer
+        sliding = _sliding(c, f["layers"], lambda i: True, default=4096)
     else:
         c.ignore("sliding_window", "max_window_layers", "layer_types")
         sliding = {}
@@ -481,7 +486,7 @@ def _gpt_oss(c: HfConfig) -> dict[str, Any]:
     # gate_up/down with biases, clamped SwiGLU; GptOssTopKRouter with a bias; no dense MLP.
     f = {**_LLAMA_STYLE, **_core(c), **_tie(c, False), "bias": False}
     f.setdefault("head_dim", f["hidden"] // f["heads"])
-    c.ignore("swiglu_alpha", "swiglu_limit", "hidden_act")
+    c.ignore("swiglu_alpha", "swiglu_limit", "hidden_act", "initial_context_length")
     ffn = c.size("ffn_hidden", "intermediate_size")
     moe = MoeSpec(
         experts=c.size("ffn_hidden", "num_local_experts", "num_experts", default=128),
@@ -499,7 +504,7 @@ def _gpt_oss(c: HfConfig) -> dict[str, Any]:
         "mlp_bias": True,
         "attention_sinks": True,
         "moe": moe,
-        **_sliding(c, f["layers"], lambda i: i % 2 == 0),
+        **_sliding(c, f["layers"], lambda i: i % 2 == 0, default=128),
     }
 
 
