@@ -81,6 +81,7 @@ GENERIC_IGNORED = frozenset(
         "exponential_decay_length_penalty",
         "suppress_tokens",
         "begin_suppress_tokens",
+        "cache_implementation",
     }
 )
 # Checked rather than ignored: these change the model when set.
@@ -137,6 +138,13 @@ class HfConfig:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise self.error(f"{key}={value!r} must be a positive integer{int_hint(value)}")
         check_model_limit(f"{self.origin}: {key}", field_name, value)
+        return value
+
+    def positive(self, *names: str, default: Any = ...) -> int:
+        """A positive JSON integer without a size bound (expert counts, intervals)."""
+        key, value = self.get(*names, default=default)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.error(f"{key}={value!r} must be a positive integer{int_hint(value)}")
         return value
 
     def count(self, name: str, default: int = 0) -> int:

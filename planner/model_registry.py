@@ -36,6 +36,9 @@ NUMERIC_IGNORED = (
     "layer_norm_epsilon",
     "attention_dropout",
     "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "activation_dropout",
     "resid_pdrop",
     "embd_pdrop",
     "attn_pdrop",
@@ -158,6 +161,7 @@ def _qwen_sliding(c: HfConfig, layers: int) -> dict[str, Any]:
 def _qwen2(c: HfConfig) -> dict[str, Any]:
     # Qwen2Attention: q/k/v with bias, o without; MLP without.
     f = {**_LLAMA_STYLE, **_core(c), **_gated_mlp(c), **_tie(c, False), "bias": False}
+    c.ignore("use_mrope")  # multimodal RoPE sections (Qwen2-VL): no parameters
     return {**f, "qkv_bias": True, **_qwen_sliding(c, f["layers"])}
 
 
@@ -199,7 +203,8 @@ def _gemma(c: HfConfig) -> dict[str, Any]:
 
 
 def _gemma2(c: HfConfig) -> dict[str, Any]:
-    c.ignore("hidden_act", "query_pre_attn_scalar")  # Gemma2MLP reads hidden_activation
+    # Gemma2MLP reads hidden_activation; sliding_window_size is the 4.x alias of sliding_window.
+    c.ignore("hidden_act", "query_pre_attn_scalar", "sliding_window_size")
     f = _gemma_common(c, "hidden_activation")
     f.update(post_norms=True, **_sliding(c, f["layers"], lambda i: i % 2 == 0, default=4096))
     f["attn_logit_softcap"] = c.number("attn_logit_softcapping", 50.0)
@@ -209,6 +214,8 @@ def _gemma2(c: HfConfig) -> dict[str, Any]:
 
 def _phi3(c: HfConfig) -> dict[str, Any]:
     # Phi3: fused qkv_proj and gate_up_proj without biases: the same elements as Llama's.
+    # Phi3Attention never reads attention_bias (Phi-3 config.json files carry it as false).
+    c.ignore("attention_bias")
     f = {**_LLAMA_STYLE, **_core(c), **_gated_mlp(c), **_tie(c, False), "bias": False}
     rope = c.cfg.get("rope_parameters") or {}
     fraction = c.number("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
@@ -293,6 +300,10 @@ def _falcon(c: HfConfig) -> dict[str, Any]:
     heads = c.size("heads", "num_attention_heads", "n_head")
     hidden = c.size("hidden", "hidden_size", "n_embed")
     c.require("alibi", False, False, "ALiBi Falcon (falcon-rw) is not priced")
+    c.require(
+        "apply_residual_connection_post_layernorm", False, False,
+        "residuals taken after the norm are not built by meshplan",
+    )  # fmt: skip
     new_arch = c.flag("new_decoder_architecture", False)
     parallel = c.flag("parallel_attn", True)
     if new_arch and not parallel:
@@ -356,7 +367,7 @@ def _bloom(c: HfConfig) -> dict[str, Any]:
 def _moe_layers(c: HfConfig, layers: int) -> tuple[int, int]:
     """Qwen2/3-MoE `decoder_sparse_step` and `mlp_only_layers` as MoeSpec's dense-first +
     interval; other layouts cannot be represented and are refused."""
-    step = c.size("ffn_hidden", "decoder_sparse_step", default=1)
+    step = c.positive("decoder_sparse_step", default=1)
     dense = c.value("mlp_only_layers", default=[])
     if not isinstance(dense, list) or any(
         isinstance(i, bool) or not isinstance(i, int) for i in dense
@@ -373,10 +384,10 @@ def _moe_layers(c: HfConfig, layers: int) -> tuple[int, int]:
 
 def _mixtral(c: HfConfig) -> dict[str, Any]:
     f = {**_LLAMA_STYLE, **_core(c), **_gated_mlp(c), **_tie(c, False), "bias": False}
-    experts = c.size("ffn_hidden", "num_local_experts", "num_experts")
+    experts = c.positive("num_local_experts", "num_experts", default=8)
     moe = MoeSpec(
         experts=experts,
-        top_k=c.size("ffn_hidden", "num_experts_per_tok", default=2),
+        top_k=c.positive("num_experts_per_tok", default=2),
         expert_ffn_hidden=f["ffn_hidden"],
     )
     rule = (lambda i: True) if c.has("sliding_window") else None
@@ -390,8 +401,8 @@ def _qwen2_moe(c: HfConfig) -> dict[str, Any]:
     shared = c.count("shared_expert_intermediate_size", 5632)
     dense, step = _moe_layers(c, f["layers"])
     moe = MoeSpec(
-        experts=c.size("ffn_hidden", "num_experts", default=60),
-        top_k=c.size("ffn_hidden", "num_experts_per_tok", default=4),
+        experts=c.positive("num_experts", default=60),
+        top_k=c.positive("num_experts_per_tok", default=4),
         expert_ffn_hidden=c.size("ffn_hidden", "moe_intermediate_size", default=1408),
         shared_experts=1 if shared else 0,
         shared_ffn_hidden=shared,
@@ -413,8 +424,8 @@ def _qwen3_moe(c: HfConfig) -> dict[str, Any]:
     f.setdefault("head_dim", f["hidden"] // f["heads"])
     dense, step = _moe_layers(c, f["layers"])
     moe = MoeSpec(
-        experts=c.size("ffn_hidden", "num_experts", "num_local_experts", default=128),
-        top_k=c.size("ffn_hidden", "num_experts_per_tok", default=8),
+        experts=c.positive("num_experts", "num_local_experts", default=128),
+        top_k=c.positive("num_experts_per_tok", default=8),
         expert_ffn_hidden=c.size("ffn_hidden", "moe_intermediate_size", default=768),
         dense_layers=dense,
         layer_interval=step,
@@ -455,8 +466,8 @@ def _deepseek_v3(c: HfConfig) -> dict[str, Any]:
     shared = c.count("n_shared_experts", 1)
     expert_ffn = c.size("ffn_hidden", "moe_intermediate_size", default=2048)
     moe = MoeSpec(
-        experts=c.size("ffn_hidden", "n_routed_experts", default=256),
-        top_k=c.size("ffn_hidden", "num_experts_per_tok", default=8),
+        experts=c.positive("n_routed_experts", default=256),
+        top_k=c.positive("num_experts_per_tok", default=8),
         expert_ffn_hidden=expert_ffn,
         # DeepseekV3MoE builds one shared MLP of moe_intermediate_size * n_shared_experts:
         # the same elements as n_shared_experts MLPs of moe_intermediate_size.
@@ -489,8 +500,8 @@ def _gpt_oss(c: HfConfig) -> dict[str, Any]:
     c.ignore("swiglu_alpha", "swiglu_limit", "hidden_act", "initial_context_length")
     ffn = c.size("ffn_hidden", "intermediate_size")
     moe = MoeSpec(
-        experts=c.size("ffn_hidden", "num_local_experts", "num_experts", default=128),
-        top_k=c.size("ffn_hidden", "num_experts_per_tok", "experts_per_token", default=4),
+        experts=c.positive("num_local_experts", "num_experts", default=128),
+        top_k=c.positive("num_experts_per_tok", "experts_per_token", default=4),
         expert_ffn_hidden=ffn,
         router_bias=True,
     )
