@@ -4,7 +4,9 @@ Owns: `HfConfig` (typed getters whose errors name the config.json key, and the b
 which keys were read and which were ignored as irrelevant to cost), the keys every
 `PreTrainedConfig` may carry (`GENERIC_IGNORED`), and `ACTIVATIONS`, transformers' activation
 names (transformers/activations.py ACT2FN) mapped onto meshplan's.
-Does not own: what any family means by its keys (planner/model_registry.py).
+It also owns the readers' shared pieces: the Llama-style core sizes, the gated MLP, sliding-window
+layers and tied embeddings under their transformers names.
+Does not own: what any family means by its keys (planner/hf_dense.py, planner/hf_moe.py).
 
 A key that is neither read nor named as ignored by the family's reader is refused: meshplan
 cannot tell whether an unknown key changes cost, and guessing is how a planner becomes
@@ -17,7 +19,15 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from planner.errors import SpecError
-from planner.specs import Activation, check_model_limit, int_hint, is_number
+from planner.specs import (
+    Activation,
+    MlpKind,
+    NormKind,
+    PositionKind,
+    check_model_limit,
+    int_hint,
+    is_number,
+)
 
 # Keys of transformers' PreTrainedConfig and of the generation settings older config.json files
 # carry (transformers 4.x wrote them into every config): none changes a training step.
@@ -210,3 +220,72 @@ class HfConfig:
                 "meshplan cannot tell whether it changes cost (remove it if it does not)"
             )
         return tuple(sorted(self.ignored))
+
+
+Reader = Callable[[HfConfig], dict[str, Any]]
+LLAMA_STYLE = {"mlp": MlpKind.SWIGLU, "norm": NormKind.RMSNORM, "position": PositionKind.ROPE}
+
+
+def core(c: HfConfig, heads_key: str = "num_attention_heads") -> dict[str, Any]:
+    """Layers, hidden, heads, KV heads, vocab and positions under their Llama-style names."""
+    heads = c.size("heads", heads_key)
+    hidden = c.size("hidden", "hidden_size")
+    fields = {
+        "layers": c.size("layers", "num_hidden_layers"),
+        "hidden": hidden,
+        "heads": heads,
+        "kv_heads": c.size("kv_heads", "num_key_value_heads", default=heads),
+        "vocab": c.size("vocab", "vocab_size"),
+        "max_seq_len": c.size("max_seq_len", "max_position_embeddings"),
+    }
+    if c.has("head_dim"):
+        fields["head_dim"] = c.size("head_dim", "head_dim")
+    c.get("head_dim", default=None)
+    return fields
+
+
+def gated_mlp(c: HfConfig, act_key: str = "hidden_act", default: str = "silu") -> dict[str, Any]:
+    """A gate/up/down MLP of intermediate_size; the activation is the family's, not the
+    structure's (gemma's gated GELU is still 3 matrices)."""
+    act = c.activation(
+        act_key, default, (Activation.SILU, Activation.GELU_TANH, Activation.GELU_ERF)
+    )
+    return {
+        "ffn_hidden": c.size("ffn_hidden", "intermediate_size"),
+        "activation": None if act is Activation.SILU else act,
+    }
+
+
+def sliding_fields(
+    c: HfConfig, layers: int, rule: Callable[[int], bool] | None, default: int = 0
+) -> dict[str, Any]:
+    """Sliding-window layers from `layer_types` when given, else the family's rule (None: no
+    sliding window in this config); `default`: the config class's window when the key is
+    absent (a null key means none)."""
+    c.ignore("use_sliding_window", "max_window_layers")
+    c.get("layer_types", default=None)
+    c.get("sliding_window", default=None)
+    if rule is None:
+        return {}
+    window = c.count("sliding_window", default if "sliding_window" not in c.cfg else 0)
+    if c.has("layer_types"):
+        types = c.cfg["layer_types"]
+        kinds = {"full_attention", "sliding_attention"}
+        if not isinstance(types, list) or len(types) != layers or not set(types) <= kinds:
+            raise c.error(
+                f"layer_types must list {layers} entries of full_attention|sliding_attention"
+            )
+        chosen = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    else:
+        chosen = tuple(i for i in range(layers) if rule(i))
+    if not window or not chosen:
+        return {}
+    c.note(
+        f"sliding window of {window} tokens in {len(chosen)} of {layers} blocks "
+        "(priced as full causal attention)"
+    )
+    return {"sliding_window": window, "sliding_layers": chosen}
+
+
+def tie(c: HfConfig, default: bool) -> dict[str, Any]:
+    return {"tied_embeddings": c.flag("tie_word_embeddings", default)}
