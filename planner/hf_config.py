@@ -15,7 +15,8 @@ confidently wrong. Keys that start with `_` are bookkeeping of transformers (`_n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from planner.errors import SpecError
@@ -95,22 +96,26 @@ GENERIC_IGNORED = frozenset(
     }
 )
 # Checked rather than ignored: these change the model when set.
-GENERIC_CHECKED = {
-    "is_encoder_decoder": (False, "encoder-decoder models are not decoder-only transformers"),
-    "add_cross_attention": (False, "cross-attention blocks are not priced"),
-    "pruned_heads": ({}, "pruned heads give blocks of different sizes"),
-}
+GENERIC_CHECKED: Mapping[str, tuple[Any, str]] = MappingProxyType(
+    {
+        "is_encoder_decoder": (False, "encoder-decoder models are not decoder-only transformers"),
+        "add_cross_attention": (False, "cross-attention blocks are not priced"),
+        "pruned_heads": ({}, "pruned heads give blocks of different sizes"),
+    }
+)
 
 # transformers/activations.py ACT2FN names -> meshplan's activation.
-ACTIVATIONS: dict[str, Activation] = {
-    "silu": Activation.SILU,
-    "swish": Activation.SILU,
-    "gelu": Activation.GELU_ERF,
-    "gelu_new": Activation.GELU_TANH,
-    "gelu_pytorch_tanh": Activation.GELU_TANH,
-    "gelu_fast": Activation.GELU_TANH,
-    "relu": Activation.RELU,
-}
+ACTIVATIONS: Mapping[str, Activation] = MappingProxyType(
+    {
+        "silu": Activation.SILU,
+        "swish": Activation.SILU,
+        "gelu": Activation.GELU_ERF,
+        "gelu_new": Activation.GELU_TANH,
+        "gelu_pytorch_tanh": Activation.GELU_TANH,
+        "gelu_fast": Activation.GELU_TANH,
+        "relu": Activation.RELU,
+    }
+)
 
 
 class HfConfig:
@@ -223,7 +228,9 @@ class HfConfig:
 
 
 Reader = Callable[[HfConfig], dict[str, Any]]
-LLAMA_STYLE = {"mlp": MlpKind.SWIGLU, "norm": NormKind.RMSNORM, "position": PositionKind.ROPE}
+LLAMA_STYLE: Mapping[str, Any] = MappingProxyType(
+    {"mlp": MlpKind.SWIGLU, "norm": NormKind.RMSNORM, "position": PositionKind.ROPE}
+)
 
 
 def core(c: HfConfig, heads_key: str = "num_attention_heads") -> dict[str, Any]:

@@ -10,6 +10,8 @@ Does not own: the registry (planner/model_registry.py) or the key bookkeeping
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from planner.hf_config import LLAMA_STYLE, HfConfig, Reader, core, gated_mlp, sliding_fields, tie
@@ -246,17 +248,19 @@ def _bloom(c: HfConfig) -> dict[str, Any]:
     }
 
 
-FAMILIES: dict[str, tuple[str, Reader]] = {
-    "llama": ("Llama 2/3/3.1", _llama),
-    "mistral": ("Mistral", _mistral),
-    "qwen2": ("Qwen2/Qwen2.5", _qwen2),
-    "qwen3": ("Qwen3", _qwen3),
-    "gemma": ("Gemma", _gemma),
-    "gemma2": ("Gemma 2", _gemma2),
-    "phi3": ("Phi-3", _phi3),
-    "gpt2": ("GPT-2", _gpt2),
-    "gpt_neox": ("GPT-NeoX / Pythia", _gpt_neox),
-    "opt": ("OPT", _opt),
-    "falcon": ("Falcon", _falcon),
-    "bloom": ("BLOOM", _bloom),
-}
+FAMILIES: Mapping[str, tuple[str, Reader]] = MappingProxyType(
+    {
+        "llama": ("Llama 2/3/3.1", _llama),
+        "mistral": ("Mistral", _mistral),
+        "qwen2": ("Qwen2/Qwen2.5", _qwen2),
+        "qwen3": ("Qwen3", _qwen3),
+        "gemma": ("Gemma", _gemma),
+        "gemma2": ("Gemma 2", _gemma2),
+        "phi3": ("Phi-3", _phi3),
+        "gpt2": ("GPT-2", _gpt2),
+        "gpt_neox": ("GPT-NeoX / Pythia", _gpt_neox),
+        "opt": ("OPT", _opt),
+        "falcon": ("Falcon", _falcon),
+        "bloom": ("BLOOM", _bloom),
+    }
+)

@@ -9,6 +9,8 @@ Does not own: the registry (planner/model_registry.py) or the MoE cost model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from planner.hf_config import LLAMA_STYLE, HfConfig, Reader, core, gated_mlp, sliding_fields, tie
@@ -172,10 +174,12 @@ def _gpt_oss(c: HfConfig) -> dict[str, Any]:
 
 # model_type -> (what it is, reader). The descriptions are what `model show` prints.
 
-FAMILIES: dict[str, tuple[str, Reader]] = {
-    "mixtral": ("Mixtral (MoE)", _mixtral),
-    "qwen2_moe": ("Qwen2-MoE / Qwen1.5-MoE", _qwen2_moe),
-    "qwen3_moe": ("Qwen3-MoE", _qwen3_moe),
-    "deepseek_v3": ("DeepSeek-V3 (MLA, MoE)", _deepseek_v3),
-    "gpt_oss": ("gpt-oss (MoE)", _gpt_oss),
-}
+FAMILIES: Mapping[str, tuple[str, Reader]] = MappingProxyType(
+    {
+        "mixtral": ("Mixtral (MoE)", _mixtral),
+        "qwen2_moe": ("Qwen2-MoE / Qwen1.5-MoE", _qwen2_moe),
+        "qwen3_moe": ("Qwen3-MoE", _qwen3_moe),
+        "deepseek_v3": ("DeepSeek-V3 (MLA, MoE)", _deepseek_v3),
+        "gpt_oss": ("gpt-oss (MoE)", _gpt_oss),
+    }
+)

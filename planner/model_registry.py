@@ -17,7 +17,9 @@ positions) are required.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from planner import hf_dense, hf_moe
@@ -68,7 +70,9 @@ class ReadModel:
 
 
 # model_type -> (what it is, reader). The descriptions are what `model show` prints.
-REGISTRY: dict[str, tuple[str, Reader]] = {**hf_dense.FAMILIES, **hf_moe.FAMILIES}
+REGISTRY: Mapping[str, tuple[str, Reader]] = MappingProxyType(
+    {**hf_dense.FAMILIES, **hf_moe.FAMILIES}
+)
 
 
 def read_hf_config(cfg: Any, name: str, origin: str) -> ReadModel:
@@ -76,7 +80,7 @@ def read_hf_config(cfg: Any, name: str, origin: str) -> ReadModel:
     if not isinstance(cfg, dict):
         raise SpecError(f"{origin}: expected a JSON object")
     model_type = cfg.get("model_type")
-    if model_type not in REGISTRY:
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
         raise SpecError(
             f"{origin}: model_type={model_type!r} is not supported; use one of {'|'.join(REGISTRY)}"
         )

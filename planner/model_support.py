@@ -18,8 +18,10 @@ Treatments:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 from planner.errors import SpecError
@@ -110,14 +112,16 @@ FEATURES: tuple[Feature, ...] = (
         why="multi-head latent attention's projections and saved latents are not priced",
     ),
 )
-_BY_FIELD = {f.field: f for f in FEATURES}
+_BY_FIELD: Mapping[str, Feature] = MappingProxyType({f.field: f for f in FEATURES})
 # Values that are refused although the field itself is priced.
-_REFUSED_VALUES: dict[tuple[str, Enum], str] = {
-    ("position", PositionKind.ALIBI): "ALiBi needs an attention bias, which the flash "
-    "attention priced does not take",
-    ("activation", Activation.SWIGLU_CLAMP): "gpt-oss's clamped SwiGLU saves other tensors "
-    "than the SwiGLU priced",
-}
+_REFUSED_VALUES: Mapping[tuple[str, Enum], str] = MappingProxyType(
+    {
+        ("position", PositionKind.ALIBI): "ALiBi needs an attention bias, which the flash "
+        "attention priced does not take",
+        ("activation", Activation.SWIGLU_CLAMP): "gpt-oss's clamped SwiGLU saves other tensors "
+        "than the SwiGLU priced",
+    }
+)
 
 
 def features_set(model: ModelSpec) -> tuple[str, ...]:

@@ -122,6 +122,7 @@ def test_model_show_says_what_is_not_priced_or_built(tmp_path, capsys):
     [
         ({**MIXTRAL, "model_type": "mamba"}, ("model_type='mamba' is not supported", "mixtral", "deepseek_v3")),
         ({k: v for k, v in MIXTRAL.items() if k != "model_type"}, ("model_type=None is not supported",)),
+        ({**MIXTRAL, "model_type": ["mixtral"]}, ("model_type=['mixtral'] is not supported",)),
         ({**MIXTRAL, "moe_frobnication": 3}, ("field 'moe_frobnication' is not known for model_type 'mixtral'",)),
         ({**NEOX, "hidden_act": "tanh"}, ("hidden_act='tanh' is not supported for model_type 'gpt_neox'",)),
     ],
