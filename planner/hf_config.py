@@ -181,6 +181,24 @@ class HfConfig:
             raise self.error(f"{key}={value!r} must be a finite number")
         return float(value)
 
+    def nullable(self, name: str, default: Any) -> Any:
+        """The value of a key whose null means "off" (not "the default"), as transformers reads
+        `attn_logit_softcapping: null` or `q_lora_rank: null`; `default` when absent."""
+        self.read.add(name)
+        return self.cfg.get(name, default)
+
+    def rope_fraction(self, legacy_key: str, default: float) -> float:
+        """The rotated fraction of a head: `rope_parameters.partial_rotary_factor` (transformers
+        5), else the 4.x key `legacy_key`, else `default`."""
+        rope = self.cfg.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise self.error(f"rope_parameters={rope!r} must be a mapping")
+        given = (rope or {}).get("partial_rotary_factor")
+        value = self.number(legacy_key, default if given is None else given)
+        if not 0 < value <= 1:
+            raise self.error(f"{legacy_key}={value!r} must be a fraction in (0, 1]")
+        return value
+
     def activation(self, name: str, default: str, allowed: Iterable[Activation]) -> Activation:
         key, value = self.get(name, default=default)
         act = ACTIVATIONS.get(value) if isinstance(value, str) else None

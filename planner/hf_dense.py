@@ -91,8 +91,13 @@ def _gemma2(c: HfConfig) -> dict[str, Any]:
     c.ignore("hidden_act", "query_pre_attn_scalar", "sliding_window_size")
     f = _gemma_common(c, "hidden_activation")
     f.update(post_norms=True, **sliding_fields(c, f["layers"], lambda i: i % 2 == 0, default=4096))
-    f["attn_logit_softcap"] = c.number("attn_logit_softcapping", 50.0)
-    f["final_logit_softcap"] = c.number("final_logit_softcapping", 30.0)
+    # Gemma2Config defaults 50 and 30; a null key turns the capping off.
+    for key, field_name, default in (
+        ("attn_logit_softcapping", "attn_logit_softcap", 50.0),
+        ("final_logit_softcapping", "final_logit_softcap", 30.0),
+    ):
+        cap = c.nullable(key, default)
+        f[field_name] = 0.0 if cap is None else c.number(key, default)
     return f
 
 
@@ -101,8 +106,7 @@ def _phi3(c: HfConfig) -> dict[str, Any]:
     # Phi3Attention never reads attention_bias (Phi-3 config.json files carry it as false).
     c.ignore("attention_bias")
     f = {**LLAMA_STYLE, **core(c), **gated_mlp(c), **tie(c, False), "bias": False}
-    rope = c.cfg.get("rope_parameters") or {}
-    fraction = c.number("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    fraction = c.rope_fraction("partial_rotary_factor", 1.0)
     rule = (lambda i: True) if c.has("sliding_window") else None
     return {**f, "rope_fraction": fraction, **sliding_fields(c, f["layers"], rule)}
 
@@ -141,9 +145,8 @@ def _gpt_neox(c: HfConfig) -> dict[str, Any]:
     act = c.activation(
         "hidden_act", "gelu", (Activation.GELU_ERF, Activation.GELU_TANH, Activation.RELU)
     )
-    rope = c.cfg.get("rope_parameters") or {}
     c.ignore("rotary_emb_base")
-    fraction = c.number("rotary_pct", rope.get("partial_rotary_factor", 0.25))
+    fraction = c.rope_fraction("rotary_pct", 0.25)
     bias = c.flag("attention_bias", True)
     return {
         **f,

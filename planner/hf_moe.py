@@ -96,9 +96,9 @@ def _qwen3_moe(c: HfConfig) -> dict[str, Any]:
 def _deepseek_v3(c: HfConfig) -> dict[str, Any]:
     f = {**LLAMA_STYLE, **core(c), **gated_mlp(c), **tie(c, False), "bias": False}
     f.pop("head_dim", None)  # DeepseekV3Config sets head_dim = qk_rope_head_dim; MLA has its own
-    q_rank = c.value("q_lora_rank", default=None)
+    q_rank = c.nullable("q_lora_rank", 1536)  # DeepseekV3Config default; null: no q bottleneck
     mla = MlaSpec(
-        q_lora_rank=0 if q_rank is None else c.size("hidden", "q_lora_rank"),
+        q_lora_rank=0 if q_rank is None else c.size("hidden", "q_lora_rank", default=q_rank),
         kv_lora_rank=c.size("hidden", "kv_lora_rank", default=512),
         qk_nope_head_dim=c.size("head_dim", "qk_nope_head_dim", default=128),
         qk_rope_head_dim=c.size("head_dim", "qk_rope_head_dim", default=64),

@@ -270,6 +270,24 @@ SMALL: list[tuple[str, dict[str, Any]]] = [
         ),
     ),  # fmt: skip
     (
+        "deepseek_v3-default-q-lora",
+        _small(
+            "deepseek_v3",
+            num_hidden_layers=2,
+            num_key_value_heads=4,
+            moe_intermediate_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=4,
+            v_head_dim=12,
+            n_group=1,
+            topk_group=1,
+        ),
+    ),  # fmt: skip
+    (
         "gpt_oss",
         _small(
             "gpt_oss", num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8

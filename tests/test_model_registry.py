@@ -190,3 +190,13 @@ def test_executor_refuses_what_it_does_not_build():
         match=r"the executor does not build activation, mlp_bias, parallel_block, rope_fraction",
     ):
         Transformer(spec)
+
+
+def test_null_means_off_where_transformers_reads_it_so():
+    capped = read_hf_config(GEMMA2, "g", "config.json").spec
+    assert (capped.attn_logit_softcap, capped.final_logit_softcap) == (50.0, 30.0)
+    off = {**GEMMA2, "attn_logit_softcapping": None, "final_logit_softcapping": None}
+    spec = read_hf_config(off, "g", "config.json").spec
+    assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (0.0, 0.0)
+    with pytest.raises(SpecError, match=r"rope_parameters='x' must be a mapping"):
+        read_hf_config({**NEOX, "rope_parameters": "x"}, "n", "config.json")
