@@ -73,7 +73,7 @@ def main() -> None:
     cases = ptdp + foundry
     log.info("fitting on %d rows (%d PTD-P, %d llm-foundry)", len(cases), len(ptdp), len(foundry))
     fitted = cal.fit(cases, DEFAULT_CONSTANTS, args.iters)
-    loso = cal.leave_one_source_out(cases, fitted, args.iters)
+    loso = cal.leave_one_source_out(cases, args.iters)
     rows = [_row(c, fitted, loso[c.source][0]) for c in cases]
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
@@ -135,9 +135,10 @@ def _markdown(fitted: AnalyticConstants, loso: dict, rows: list[dict]) -> str:
         )
     lines += [
         "",
-        "Held-out H100 rows need the Hopper constants, which only llm-foundry identifies: without",
-        "it the Hopper values stay at their starting point (the Ampere fit is not extrapolated",
-        "to them silently; the output's calibrated_regime says so).",
+        "Leave-one-source-out fits start from literature priors (calibration.PRIORS); constants",
+        "the remaining source does not identify stay where a prediction without that data would",
+        "put them: without llm-foundry there is no flash attention (its efficiency stays at the",
+        "FlashAttention-2 prior) and no H100 (Hopper takes the Ampere values).",
         "",
         "## Per row",
         "",

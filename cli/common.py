@@ -78,9 +78,15 @@ def check_positive_float(option: str, value: float | None) -> None:
 
 
 def load_model_arg(model: str) -> ModelSpec:
+    """The model to price or run; features the cost model cannot price are refused here
+    (planner/model_support.py), and those priced conservatively are noted on stderr."""
+    from planner.model_support import check_priceable
     from presets import load_model
 
-    return load_model(model)
+    spec = load_model(model)
+    for note in check_priceable(spec):
+        err_console().print(f"note: --model {model}: {note}", highlight=False)
+    return spec
 
 
 def load_cluster_arg(

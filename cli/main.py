@@ -18,6 +18,7 @@ from planner.errors import MeshplanError
 COMMAND_MODULES = (
     # in the order of the workflow: look up, measure, predict, plan, check the fit, run, check
     "cli.presets_cmd",
+    "cli.model_cmd",
     "cli.env_cmd",
     "cli.profile_cmd",
     "cli.estimate_cmd",

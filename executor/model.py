@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from executor.support import check_buildable
 from planner.parallel import Recompute
 from planner.specs import MlpKind, ModelSpec, NormKind, PositionKind
 
@@ -131,6 +132,7 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, spec: ModelSpec, layer_id: int) -> None:
         super().__init__()
+        check_buildable(spec)
         self.layer_id = layer_id
         self.attention_norm = _norm(spec)
         self.attention = Attention(spec)

@@ -92,6 +92,21 @@ class PositionKind(str, Enum):
     ALIBI = "alibi"
 
 
+class Activation(str, Enum):
+    """The MLP nonlinearity, given where it is not the MlpKind's own (`gelu`: GELU with the tanh
+    approximation; `swiglu`: SiLU gate). The structure (gated or 2-matrix) stays `mlp`'s.
+
+    `gelu_erf`: exact GELU (Falcon, GPT-NeoX); `gelu_tanh`; `silu`; `relu` (OPT);
+    `swiglu_clamp`: gpt-oss's clamped gate `x * sigmoid(1.702 x)` with (up + 1), limit 7.
+    """
+
+    GELU_ERF = "gelu_erf"
+    GELU_TANH = "gelu_tanh"
+    SILU = "silu"
+    RELU = "relu"
+    SWIGLU_CLAMP = "swiglu_clamp"
+
+
 class Dtype(str, Enum):
     """Element types. FP8 (E4M3/E5M2) is a GEMM input type only: a training runs its linears in
     it (`TrainingSpec.fp8_linears`) with bf16 everywhere else, never as its dtype."""
@@ -212,6 +227,8 @@ class MoeSpec:
     dense_layers: int = 0
     layer_interval: int = 1
     shared_expert_gate: bool = False
+    # gpt-oss: the router linear has a bias (one per expert). Omitted from JSON while false.
+    router_bias: bool = field(default=False, metadata={"json_omit_default": True})
 
     def __post_init__(self) -> None:
         owner = "model.moe"
@@ -226,7 +243,7 @@ class MoeSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise SpecError(f"{owner}.{name}={value!r} must be an integer >= 0")
-        _bools(owner, shared_expert_gate=self.shared_expert_gate)
+        _bools(owner, shared_expert_gate=self.shared_expert_gate, router_bias=self.router_bias)
         if self.top_k > self.experts:
             raise SpecError(f"{owner}.top_k={self.top_k} must be <= experts={self.experts}")
         check_model_limit(f"{owner}.expert_ffn_hidden", "ffn_hidden", self.expert_ffn_hidden)
@@ -240,6 +257,67 @@ class MoeSpec:
     def uniform(self) -> bool:
         """Every block is an MoE block (Mixtral, Qwen3-MoE)."""
         return self.dense_layers == 0 and self.layer_interval == 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlaSpec:
+    """Multi-head latent attention (DeepSeek-V2, DeepSeek-AI 2024, Sec. 2.1; DeepSeek-V3).
+
+    Queries pass a low-rank bottleneck of `q_lora_rank` (0: a plain h x heads*(nope+rope)
+    projection, DeepSeek-V2-Lite), keys and values one of `kv_lora_rank` plus a decoupled
+    rotary key of `qk_rope_head_dim` shared by all heads; each head's query/key has
+    `qk_nope_head_dim + qk_rope_head_dim` dimensions and its value `v_head_dim`. The
+    bottlenecks are RMS-normalised (q_a_layernorm, kv_a_layernorm).
+    """
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    def __post_init__(self) -> None:
+        owner = "model.mla"
+        _positive_int(
+            owner,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+        )
+        q = self.q_lora_rank
+        if isinstance(q, bool) or not isinstance(q, int) or q < 0:
+            raise SpecError(
+                f"{owner}.q_lora_rank={q!r} must be an integer >= 0 (0: no q bottleneck)"
+            )
+        for name in (
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+        ):
+            check_model_limit(f"{owner}.{name}", "hidden", getattr(self, name))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def params(self, hidden: int, heads: int, bias: bool) -> int:
+        """Elements of one MLA layer as transformers' DeepseekV3Attention builds it: q_a/q_b (or
+        q_proj), kv_a_proj_with_mqa, kv_b_proj, o_proj, the two RMSNorm weights; `bias` puts
+        biases on q_a_proj, kv_a_proj_with_mqa and o_proj (config `attention_bias`)."""
+        h, q_out = hidden, heads * self.qk_head_dim
+        if self.q_lora_rank:
+            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * q_out
+            q += self.q_lora_rank if bias else 0
+        else:
+            q = h * q_out
+        kv_a = self.kv_lora_rank + self.qk_rope_head_dim
+        kv = h * kv_a + (kv_a if bias else 0) + self.kv_lora_rank
+        kv += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+        out = heads * self.v_head_dim * h + (h if bias else 0)
+        return q + kv + out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -291,6 +369,41 @@ class ModelSpec:
     bias: bool = True
     qkv_bias: bool = False
     moe: MoeSpec | None = field(default=None, metadata={"json_omit_none": True})
+    # Architecture features beyond GPT/Llama, read from Hugging Face configs by
+    # planner/model_registry.py. Each is omitted from JSON at its default, so older plans keep
+    # their bytes; planner/model_support.py says which ones the cost model prices and which the
+    # executor builds.
+    # The MLP nonlinearity when it is not mlp's own (None: gelu_tanh for gelu, silu for swiglu).
+    activation: Activation | None = field(default=None, metadata={"json_omit_none": True})
+    # Biases on the attention output projection / on the MLP (or expert) linears only (Llama
+    # `attention_bias` + `mlp_bias`, GPT-NeoX's always-biased MLP); `bias` puts them everywhere.
+    out_bias: bool = field(default=False, metadata={"json_omit_default": True})
+    mlp_bias: bool = field(default=False, metadata={"json_omit_default": True})
+    # RMSNorm over each head's q and k (Qwen3; Dehghani et al. 2023): 2 x head_dim per block.
+    qk_norm: bool = field(default=False, metadata={"json_omit_default": True})
+    # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-J, GPT-NeoX, Falcon); `shared_block_norm`: both
+    # branches read one norm (Falcon-7B).
+    parallel_block: bool = field(default=False, metadata={"json_omit_default": True})
+    shared_block_norm: bool = field(default=False, metadata={"json_omit_default": True})
+    # A norm on the attention and MLP outputs too, four per block (Gemma 2 "sandwich").
+    post_norms: bool = field(default=False, metadata={"json_omit_default": True})
+    # A norm right after the token embedding (BLOOM word_embeddings_layernorm).
+    embedding_norm: bool = field(default=False, metadata={"json_omit_default": True})
+    # Token embeddings multiplied by sqrt(hidden) (Gemma); no parameters.
+    scaled_embedding: bool = field(default=False, metadata={"json_omit_default": True})
+    # Extra rows of the learned position table (OPT: max_seq_len + 2).
+    position_offset: int = field(default=0, metadata={"json_omit_default": True})
+    # Fraction of head_dim that is rotated (GPT-NeoX rotary_pct 0.25).
+    rope_fraction: float = field(default=1.0, metadata={"json_omit_default": True})
+    # Sliding-window attention of `sliding_window` tokens in the blocks `sliding_layers`.
+    sliding_window: int = field(default=0, metadata={"json_omit_default": True})
+    sliding_layers: tuple[int, ...] = field(default=(), metadata={"json_omit_default": True})
+    # tanh soft-capping of attention scores / final logits (Gemma 2); 0: none.
+    attn_logit_softcap: float = field(default=0.0, metadata={"json_omit_default": True})
+    final_logit_softcap: float = field(default=0.0, metadata={"json_omit_default": True})
+    # One learned sink logit per head in every softmax (gpt-oss).
+    attention_sinks: bool = field(default=False, metadata={"json_omit_default": True})
+    mla: MlaSpec | None = field(default=None, metadata={"json_omit_none": True})
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -328,6 +441,53 @@ class ModelSpec:
             raise SpecError(
                 f"{owner}.moe.dense_layers={self.moe.dense_layers} must be < layers={self.layers}"
             )
+        self._check_features(owner)
+
+    def _check_features(self, owner: str) -> None:
+        _bools(
+            owner,
+            out_bias=self.out_bias,
+            mlp_bias=self.mlp_bias,
+            qk_norm=self.qk_norm,
+            parallel_block=self.parallel_block,
+            shared_block_norm=self.shared_block_norm,
+            post_norms=self.post_norms,
+            embedding_norm=self.embedding_norm,
+            scaled_embedding=self.scaled_embedding,
+            attention_sinks=self.attention_sinks,
+        )
+        if self.activation is not None:
+            object.__setattr__(
+                self, "activation", _enum(Activation, f"{owner}.activation", self.activation)
+            )
+        if self.shared_block_norm and not self.parallel_block:
+            raise SpecError(f"{owner}.shared_block_norm needs parallel_block: true")
+        p = self.position_offset
+        if isinstance(p, bool) or not isinstance(p, int) or p < 0:
+            raise SpecError(f"{owner}.position_offset={p!r} must be an integer >= 0")
+        if not is_number(self.rope_fraction) or not 0 < self.rope_fraction <= 1:
+            raise SpecError(f"{owner}.rope_fraction={self.rope_fraction!r} must be in (0, 1]")
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            v = getattr(self, name)
+            if not is_number(v) or v < 0:
+                raise SpecError(f"{owner}.{name}={v!r} must be a finite number >= 0 (0: none)")
+        w = self.sliding_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise SpecError(f"{owner}.sliding_window={w!r} must be an integer >= 0 (0: none)")
+        layers = tuple(self.sliding_layers)
+        object.__setattr__(self, "sliding_layers", layers)
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or list(
+            layers
+        ) != sorted(set(layers)):
+            raise SpecError(f"{owner}.sliding_layers must be increasing block indices")
+        if layers and (layers[0] < 0 or layers[-1] >= self.layers):
+            raise SpecError(f"{owner}.sliding_layers must lie in 0..{self.layers - 1}")
+        if bool(layers) != bool(w):
+            raise SpecError(f"{owner}: sliding_window and sliding_layers go together")
+        if isinstance(self.mla, Mapping):
+            object.__setattr__(self, "mla", MlaSpec(**self.mla))
+        if self.mla is not None and not isinstance(self.mla, MlaSpec):
+            raise SpecError(f"{owner}.mla={self.mla!r} must be a mapping of MlaSpec fields or null")
 
     @property
     def q_dim(self) -> int:
@@ -338,26 +498,49 @@ class ModelSpec:
         return self.kv_heads * self.head_dim
 
     def _mlp_params(self, ffn: int) -> int:
-        h, b = self.hidden, self.bias
+        h, b = self.hidden, self.bias or self.mlp_bias
         if self.mlp is MlpKind.GELU:
             return 2 * h * ffn + (ffn + h if b else 0)
         return 3 * h * ffn + (2 * ffn + h if b else 0)
 
+    def norm_params(self, size: int) -> int:
+        """Elements of one norm over `size` features (LayerNorm: weight and bias)."""
+        return 2 * size if self.norm is NormKind.LAYERNORM else size
+
+    def attention_params(self) -> int:
+        """Elements of one block's attention (projections, biases, q/k norms, sinks)."""
+        h = self.hidden
+        if self.mla is not None:
+            attn = self.mla.params(h, self.heads, self.bias or self.qkv_bias)
+        else:
+            attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+            if self.bias or self.qkv_bias:
+                attn += self.q_dim + 2 * self.kv_dim
+            if self.bias or self.out_bias:
+                attn += h
+        if self.qk_norm:
+            attn += 2 * self.norm_params(self.head_dim)
+        return attn + (self.heads if self.attention_sinks else 0)
+
+    @property
+    def block_norms(self) -> int:
+        """Norms per block: 2 (pre-norm), 1 (parallel block sharing one), 4 (sandwich)."""
+        return (1 if self.shared_block_norm else 2) + (2 if self.post_norms else 0)
+
     def param_count(self) -> ParamCount:
-        """Exact element counts, matching executor/model.py's modules one for one.
+        """Exact element counts, matching executor/model.py's modules one for one and, for the
+        Hugging Face families of planner/model_registry.py, transformers' own models
+        (tests/test_hf_parity.py builds them on the meta device).
 
         `per_block` is one block's count when all blocks are alike (a dense model or a uniform
         MoE); with dense-first or interleaved MoE layers it is the MoE block's and `blocks` is
-        the exact sum.
+        the exact sum. `embedding` includes an embedding norm (BLOOM).
         """
-        h, b = self.hidden, self.bias
-        norm = 2 * h if self.norm is NormKind.LAYERNORM else h
-        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
-        if b:
-            attn += self.q_dim + 2 * self.kv_dim + h
-        elif self.qkv_bias:
-            attn += self.q_dim + 2 * self.kv_dim
-        dense_block = attn + self._mlp_params(self.ffn_hidden) + 2 * norm
+        h = self.hidden
+        norm = self.norm_params(h)
+        attn = self.attention_params()
+        block_norms = self.block_norms * norm
+        dense_block = attn + self._mlp_params(self.ffn_hidden) + block_norms
         routed = routed_active = 0
         per_block, blocks = dense_block, dense_block * self.layers
         if self.moe is not None:
@@ -365,13 +548,15 @@ class ModelSpec:
             expert = self._mlp_params(m.expert_ffn_hidden)
             shared = m.shared_experts * self._mlp_params(m.shared_ffn_hidden)
             router = h * m.experts + (h if m.shared_expert_gate else 0)
-            per_block = attn + 2 * norm + router + shared + m.experts * expert
+            router += m.experts if m.router_bias else 0
+            per_block = attn + block_norms + router + shared + m.experts * expert
             n_moe = sum(m.is_moe_layer(i) for i in range(self.layers))
             blocks = per_block * n_moe + dense_block * (self.layers - n_moe)
             routed, routed_active = n_moe * m.experts * expert, n_moe * m.top_k * expert
+        positions = self.max_seq_len + self.position_offset
         return ParamCount(
-            embedding=self.vocab * h,
-            position=self.max_seq_len * h if self.position is PositionKind.LEARNED else 0,
+            embedding=self.vocab * h + (norm if self.embedding_norm else 0),
+            position=positions * h if self.position is PositionKind.LEARNED else 0,
             per_block=per_block,
             blocks=blocks,
             final_norm=norm,

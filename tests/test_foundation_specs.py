@@ -104,20 +104,18 @@ def test_tp_shard_splits_heads_ffn_vocab():
         presets.load_model("llama3-8b").tp_shard(16)
 
 
-def test_hf_llama_config_with_text_config_and_head_dim():
+def test_hf_llama_config_with_head_dim():
     cfg = {
-        "model_type": "mllama",
-        "text_config": {
-            "hidden_size": 512,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "intermediate_size": 1024,
-            "vocab_size": 1000,
-            "max_position_embeddings": 256,
-            "hidden_act": "silu",
-            "head_dim": 32,
-        },
+        "model_type": "llama",
+        "hidden_size": 512,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 1024,
+        "vocab_size": 1000,
+        "max_position_embeddings": 256,
+        "hidden_act": "silu",
+        "head_dim": 32,
     }
     m = model_from_hf_config(cfg, "x", "config.json")
     assert (m.layers, m.heads, m.kv_heads, m.head_dim, m.mlp.value, m.tied_embeddings) == (
@@ -128,6 +126,15 @@ def test_hf_llama_config_with_text_config_and_head_dim():
         "swiglu",
         False,
     )
+
+
+def test_hf_multimodal_wrapper_is_refused_with_the_supported_families():
+    # The old reader took mllama's text_config as a Llama and dropped its cross-attention.
+    cfg = {"model_type": "mllama", "text_config": {"hidden_size": 512}}
+    with pytest.raises(
+        SpecError, match=r"model_type='mllama' is not supported; use one of llama\|"
+    ):
+        model_from_hf_config(cfg, "x", "config.json")
 
 
 def test_hf_gpt2_names_and_null_n_inner():
@@ -154,9 +161,12 @@ def test_hf_gpt2_names_and_null_n_inner():
 def test_hf_missing_field_and_bad_activation():
     with pytest.raises(SpecError, match="missing required field 'num_hidden_layers'"):
         model_from_hf_config(
-            {"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 8}, "x", "config.json"
+            {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2},
+            "x",
+            "config.json",
         )
     cfg = {
+        "model_type": "llama",
         "hidden_size": 8,
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
@@ -165,7 +175,9 @@ def test_hf_missing_field_and_bad_activation():
         "max_position_embeddings": 8,
         "hidden_act": "relu",
     }
-    with pytest.raises(SpecError, match="hidden_act='relu' is not supported"):
+    with pytest.raises(
+        SpecError, match="hidden_act='relu' is not supported for model_type 'llama'"
+    ):
         model_from_hf_config(cfg, "x", "config.json")
 
 

@@ -234,6 +234,7 @@ def test_model_yaml_values_are_typed(tmp_path, body, message):
 
 def _hf(**kw):
     cfg = {
+        "model_type": "llama",
         "hidden_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,

@@ -322,21 +322,42 @@ def fit(
     return to_constants(best, start)
 
 
-def leave_one_source_out(
-    rows: tuple[CalibrationCase, ...], start: AnalyticConstants, iters: int = 120
-) -> dict[str, tuple[AnalyticConstants, list[float]]]:
-    """Per source: the constants fitted on the other sources and this source's errors with them.
+# Starting points from the literature, used where the rows of a fit do not identify a
+# constant (leave-one-source-out: PTD-P has no flash attention and no H100): cuBLAS reaches
+# ~80 % of the A100's dense peak on large GEMMs (NVIDIA Matrix Multiplication Background
+# guide's A100 figures), FlashAttention-2 50-73 % forward on A100 (Dao 2023, Fig. 5: 0.5 taken),
+# STREAM-like kernels ~85 % of HBM bandwidth, a few microseconds per kernel launch; Hopper
+# without its own data takes the Ampere values.
+PRIORS = AnalyticConstants(
+    eff_max=0.80,
+    gemm_overhead_s=5e-6,
+    attention_efficiency=0.50,
+    hbm_efficiency=0.85,
+    hopper_eff_max=0.80,
+    hopper_attention_efficiency=0.50,
+)
 
-    Constants the remaining rows do not identify (the Hopper pair without H100 rows) take the
-    Ampere values, as a prediction without calibration data for that architecture would."""
+
+def _unidentified(rows: tuple[CalibrationCase, ...], c: AnalyticConstants) -> AnalyticConstants:
+    """`c` with the constants no row of `rows` exercises put back to what a prediction without
+    that data would use: the flash-attention efficiency at its prior, Hopper at Ampere's."""
+    if not any(r.training.flash_attention for r in rows):
+        c = replace(c, attention_efficiency=PRIORS.attention_efficiency)
+    if not any(n.gpu.arch == "hopper" for r in rows for n in r.cluster.nodes[:1]):
+        c = replace(c, hopper_eff_max=c.eff_max, hopper_attention_efficiency=c.attention_efficiency)
+    return c
+
+
+def leave_one_source_out(
+    rows: tuple[CalibrationCase, ...], iters: int = 120
+) -> dict[str, tuple[AnalyticConstants, list[float]]]:
+    """Per source: the constants fitted on the other sources only (from PRIORS, constants
+    they do not identify left at what a prediction without that data would use), and this
+    source's errors with them."""
     out = {}
     for source in sorted({r.source for r in rows}):
         rest = tuple(r for r in rows if r.source != source)
         held = tuple(r for r in rows if r.source == source)
-        c = fit(rest, start, iters)
-        if not any(g.gpu.arch == "hopper" for r in rest for g in (r.cluster.nodes[0],)):
-            c = replace(
-                c, hopper_eff_max=c.eff_max, hopper_attention_efficiency=c.attention_efficiency
-            )
+        c = _unidentified(rest, fit(rest, _unidentified(rest, PRIORS), iters))
         out[source] = (c, percentage_errors(held, c))
     return out
