@@ -85,9 +85,17 @@ def timeline_events(
             OpKind.FORWARD: chunk_times(rc, split, "fwd_compute_s"),
             OpKind.BACKWARD: chunk_times(rc, split, "bwd_compute_s"),
         },
+        # the op's communication: TP collectives and the MoE all-to-all (0 when dense)
         tp_s={
-            OpKind.FORWARD: chunk_times(rc, split, "fwd_tp_s"),
-            OpKind.BACKWARD: chunk_times(rc, split, "bwd_tp_s"),
+            kind: tuple(
+                a + b
+                for a, b in zip(
+                    chunk_times(rc, split, f"{pass_}_tp_s"),
+                    chunk_times(rc, split, f"{pass_}_ep_s"),
+                    strict=True,
+                )
+            )
+            for kind, pass_ in ((OpKind.FORWARD, "fwd"), (OpKind.BACKWARD, "bwd"))
         },
         pp=pp,
         v=v,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.cost import moe
 from planner.specs import Dtype, GpuSpec, MlpKind, ModelSpec
 
 # Fitted by benchmarks/calibrate_analytic.py on PTD-P Table 1 (A100-80GB, fp16), with the rows
@@ -79,12 +80,22 @@ class BlockFlops:
         return sum(self.gemms) + self.attention
 
 
-def block_flops(model: ModelSpec, micro_batch: int, seq_len: int, tp: int) -> BlockFlops:
+def block_flops(
+    model: ModelSpec,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    *,
+    ep: int = 1,
+    moe_imbalance: float = 1.0,
+) -> BlockFlops:
     """Forward FLOPs of one block per TP rank (2 FLOPs per multiply-add).
 
     GPT shape (Narayanan et al. 2021 Sec. 5.1 / Eq. 3): 24*B*s*h^2 + 4*B*s^2*h, generalised by
     counting each matmul: q/k/v projections 2*T*h*(q_dim + 2*kv_dim) (GQA), output 2*T*q_dim*h,
-    MLP 2 (GELU) or 3 (SwiGLU) GEMMs of 2*T*h*ffn, attention 2 * 2*B*s^2*q_dim.
+    MLP 2 (GELU) or 3 (SwiGLU) GEMMs of 2*T*h*ffn, attention 2 * 2*B*s^2*q_dim. An MoE block's
+    feed-forward is the router, shared and local-expert GEMMs of planner/cost/moe.py at expert-
+    parallel degree `ep` with the busiest rank's `moe_imbalance` (1: the model FLOPs).
     """
     tokens = micro_batch * seq_len
     h, f = model.hidden, model.ffn_hidden
@@ -92,6 +103,8 @@ def block_flops(model: ModelSpec, micro_batch: int, seq_len: int, tp: int) -> Bl
     out = 2.0 * tokens * model.q_dim * h / tp
     mlp_one = 2.0 * tokens * h * f / tp
     mlp = (mlp_one,) * (2 if model.mlp is MlpKind.GELU else 3)
+    if model.moe is not None:
+        mlp = moe.mlp_gemm_flops(model, tokens, tp, ep, moe_imbalance)
     attention = 4.0 * micro_batch * seq_len * seq_len * model.q_dim / tp
     return BlockFlops(gemms=(qkv, out, *mlp), attention=attention)
 
@@ -171,6 +184,8 @@ def block_times(
     gpu: GpuSpec,
     dtype: Dtype,
     c: AnalyticConstants = DEFAULT_CONSTANTS,
+    ep: int = 1,
+    moe_imbalance: float = 1.0,
 ) -> PassTimes:
     """Analytic forward/backward time of one block (see the module docstring for the model).
 
@@ -179,7 +194,7 @@ def block_times(
     attention FLOPs are executed; the materialised path computes the full square.
     `elementwise_bytes` is the block's stored-activation bytes without recompute (memory.py).
     """
-    fl = block_flops(model, micro_batch, seq_len, tp)
+    fl = block_flops(model, micro_batch, seq_len, tp, ep=ep, moe_imbalance=moe_imbalance)
     gemm_fwd = sum(gemm_time_s(g, gpu, dtype, c) for g in fl.gemms)
     attn_exec = fl.attention * (0.5 if flash_attention else 1.0)
     attn_fwd = gemm_time_s(attn_exec, gpu, dtype, c)
