@@ -23,8 +23,9 @@ from planner.cost.estimate import estimate
 from planner.cost.rankcosts import build_rank_costs
 from planner.errors import ConfigError
 from planner.parallel import ParallelConfig
+from planner.profile import CollectiveRecord, LinkSample, Profile, ProfileGpu, ProfileMeta
 from planner.runtime import EXECUTOR_MOE, ROUTING_IMBALANCE
-from planner.specs import ModelSpec, MoeSpec, TrainingSpec
+from planner.specs import Dtype, ModelSpec, MoeSpec, TrainingSpec
 
 H, L, F, E, K, V = 4096, 32, 14336, 8, 2, 32000
 ATTN = H * H + 2 * H * 1024 + H * H  # q, k, v (8 KV heads of 128), o
@@ -271,3 +272,38 @@ def test_cli_refuses_non_uniform_moe(tmp_path: Path, capsys: pytest.CaptureFixtu
     args += ["--seq-len", "128", "--tp", "1", "--pp", "1", "--micro-batch", "1"]
     assert main(args) == 2
     one_error(capsys, "model.moe.layer_interval=2")
+
+
+def test_measured_all_to_all_fits_replace_the_link_model() -> None:
+    """A profile's all_to_all alpha-beta fit of the EP group is what the dispatch costs."""
+    model, training = mixtral(), _mixtral_training()
+    cluster = presets.load_cluster("dgx-h100", 1)
+    cfg = ParallelConfig(tp=1, pp=1, dp=8, micro_batch=1, zero=1, ep=4)
+    fits = tuple(
+        CollectiveRecord(
+            op=CollectiveOp.ALL_TO_ALL,
+            gpu_ids=tuple(range(4 * i, 4 * i + 4)),
+            layout="contiguous",
+            samples=(LinkSample(bytes=1, seconds=1.0), LinkSample(bytes=2, seconds=1.0)),
+            alpha_s=1e-4,
+            beta_bytes_per_s=1e10,
+            busbw_bytes_per_s=1e10,
+        )
+        for i in range(2)
+    )
+    meta = ProfileMeta(
+        hosts=("h",),
+        device_kind="gpu",
+        torch_version="x",
+        dtype=Dtype.BF16,
+        date="2026-01-01",
+        method="test",
+    )
+    gpus = tuple(
+        ProfileGpu(gpu_id=i, host="h", local_index=i, device_name="H100", memory_bytes=1)
+        for i in range(8)
+    )
+    prof = Profile(schema_version=1, meta=meta, gpus=gpus, collectives=fits)
+    rc = build_rank_costs(model, training, cluster, cfg, prof, DEFAULT_CONSTANTS)
+    nbytes = moe.dispatch_bytes(model, 4096, 4, 2)
+    assert rc.block[0].fwd_ep_s == pytest.approx(2 * fits[0].time_s(nbytes))
