@@ -193,11 +193,7 @@ def register(app: typer.Typer) -> None:
         est = estimate(model_spec, training, cluster_spec, config, prof)
         if as_json:
             data = est.to_json()
-            data["config"] = {
-                name: getattr(config, name)
-                for name in config.__dataclass_fields__
-                if name != "ep" or config.ep != 1  # omitted at 1, as in plan.json
-            }
+            data["config"] = {name: getattr(config, name) for name in config.__dataclass_fields__}
             data["num_micro_batches"] = config.num_micro_batches(training)
             print_json(data)
         else:
