@@ -20,6 +20,7 @@ from planner.cost import analytic, moe
 from planner.cost.analytic import DEFAULT_CONSTANTS
 from planner.cost.collectives import CollectiveOp, ring_s
 from planner.cost.estimate import estimate
+from planner.cost.memory import FRAMEWORK_RESERVE_BYTES, block_activation_bytes, tp_rank_params
 from planner.cost.rankcosts import build_rank_costs
 from planner.errors import ConfigError
 from planner.parallel import ParallelConfig
@@ -131,8 +132,6 @@ def test_expert_state_bytes_per_rank_at_ep_8_with_zero_1() -> None:
 def test_parameters_of_the_ep_ranks_add_up_to_the_model() -> None:
     """tp 2, pp 1, ep 4: the TP x EP ranks of one replica hold every parameter once, except
     what TP replicates (norms, the router)."""
-    from planner.cost.memory import tp_rank_params
-
     model = mixtral()
     p = tp_rank_params(model, 2, 1, 4)
     held = 2 * (L * p.per_block + p.embedding + p.head) + 2 * 4 * L * p.expert_per_block
@@ -307,3 +306,36 @@ def test_measured_all_to_all_fits_replace_the_link_model() -> None:
     rc = build_rank_costs(model, training, cluster, cfg, prof, DEFAULT_CONSTANTS)
     nbytes = moe.dispatch_bytes(model, 4096, 4, 2)
     assert rc.block[0].fwd_ep_s == pytest.approx(2 * fits[0].time_s(nbytes))
+
+
+def test_moe_block_activation_bytes_by_hand() -> None:
+    """The whole block at tp 1, bf16, flash, no recompute, executor rules: the dense block's
+    attention-side terms (fp32 norm inputs + rstd, q/k/v and MLP inputs, q/k/v/o, the fp32
+    log-sum-exp, RoPE tables) and the MoE feed-forward in place of the dense MLP."""
+    t, s, d, q, kv = 4096, 4096, 2, 4096, 1024
+    per_token = 2 * (4 * H + 4) + 2 * d * H + d * (q + kv) + d * kv + d * q + 4 * 32
+    per_token += moe.mlp_activation_bytes_per_token(mixtral(), 1, 8, d)
+    by_hand = per_token * t + s * 128 * d
+    got = block_activation_bytes(
+        mixtral(),
+        micro_batch=1,
+        seq_len=s,
+        tp=1,
+        sequence_parallel=False,
+        recompute="none",
+        flash_attention=True,
+        dtype=Dtype.BF16,
+        ep=8,
+    )
+    assert got == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_all_to_all_buffers_are_resident_once_per_rank() -> None:
+    """The dispatch's send buffer and the expert output before the combine: 2 x the dispatch
+    buffer on top of the framework reserve (pp 1, ZeRO-1, no full recompute)."""
+    model, training = mixtral(), _mixtral_training()
+    cluster = presets.load_cluster("dgx-h100", 1)
+    cfg = ParallelConfig(tp=1, pp=1, dp=8, micro_batch=2, zero=1, ep=8)
+    rc = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS)
+    buffers = 2 * 2 * 4096 * K * ROUTING_IMBALANCE * H * 2
+    assert rc.fixed_bytes[0] == pytest.approx(FRAMEWORK_RESERVE_BYTES + buffers)
