@@ -162,13 +162,16 @@ class MoeRules:
     routing_imbalance: float
     # Bytes per element of the router logits / probabilities kept for backward (fp32 softmax).
     router_probs_bytes: int
-    # Per routed copy (token x k): the int64 expert index and the fp32 combine weight kept.
+    # Per routed copy (token x k) on the rank that routes it: the int64 sort index and the
+    # fp32 combine weight kept.
     routed_index_bytes: int
     routed_weight_bytes: int
-    # h-wide tensors in the compute dtype kept per routed copy: the expert input (the received
-    # dispatch buffer, saved by w1/w3) and the expert output (received back, saved by the
-    # probability-weighted combine for the router's gradient).
-    saved_hidden_per_routed_copy: int
+    # h-wide compute-dtype tensors kept per routed copy on the expert's rank (the expert input,
+    # saved by w1/w3; its count is the busiest rank's, times the imbalance) and on the routing
+    # rank (the expert output received back, saved by the probability-weighted combine for the
+    # router's gradient; exactly T * k).
+    saved_hidden_at_expert: int
+    saved_hidden_at_source: int
     # h-wide compute-dtype buffers per routed copy alive only while the block runs: the sorted
     # (permuted) send buffer of the dispatch and the expert output before the combine's
     # all-to-all. Counted once per rank, not per block (freed before the next block).
@@ -176,6 +179,14 @@ class MoeRules:
     # Each local expert is its own GEMMs (a loop over experts), not one grouped GEMM: each pays
     # the per-GEMM ramp of planner/cost/analytic.py at its own (smaller) shape.
     gemm_per_local_expert: bool
+    # Before the rows, the dispatch exchanges the per-expert counts (an all_to_all_single of
+    # E int64 per rank) so receivers know their splits; backward reuses them. Unit: bytes per
+    # expert.
+    count_bytes_per_expert: int
+    # With tp > 1 every TP rank routes the same tokens and holds ffn/tp of each expert, so the
+    # routing weights' gradient [T, k] (and the shared gate's [T, 1]) is a partial sum: it is
+    # all-reduced over TP in backward, in the compute dtype.
+    tp_reduces_routing_grad: bool
 
     def imbalance(self, ep: int, experts: int) -> float:
         """Busiest EP rank's routed copies / mean (T * top_k) when it holds g = experts / ep
@@ -195,9 +206,12 @@ EXECUTOR_MOE = MoeRules(
     router_probs_bytes=4,
     routed_index_bytes=8,
     routed_weight_bytes=4,
-    saved_hidden_per_routed_copy=2,
+    saved_hidden_at_expert=1,
+    saved_hidden_at_source=1,
     transient_hidden_per_routed_copy=2,
     gemm_per_local_expert=True,
+    count_bytes_per_expert=8,
+    tp_reduces_routing_grad=True,
 )
 
 

@@ -153,13 +153,16 @@ def test_all_to_all_time_by_hand() -> None:
     )
     assert one == pytest.approx(7 * 2e-6 + 7 / 8 * nbytes / 450e9)
     rc = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS)
-    assert rc.block[0].fwd_ep_s == pytest.approx(2 * one)
+    # the forward first exchanges the 8 per-expert int64 counts (latency-bound)
+    counts = ring_s(CollectiveOp.ALL_TO_ALL, 8, 8 * E, 450e9, 2e-6)
+    assert rc.block[0].fwd_ep_s == pytest.approx(2 * one + counts)
     assert rc.block[0].bwd_ep_s == pytest.approx(2 * one)
     full = ParallelConfig(tp=1, pp=1, dp=8, micro_batch=1, zero=1, ep=8, recompute="full")
     rc_full = build_rank_costs(model, training, cluster, full, None, DEFAULT_CONSTANTS)
-    assert rc_full.block[0].bwd_ep_s == pytest.approx(4 * one)
+    assert rc_full.block[0].bwd_ep_s == pytest.approx(4 * one + counts)
     est = estimate(model, training, cluster, cfg)
-    assert est.breakdown.ep_comm_s == pytest.approx(cfg.num_micro_batches(training) * L * 4 * one)
+    per_mb = L * (4 * one + counts)
+    assert est.breakdown.ep_comm_s == pytest.approx(cfg.num_micro_batches(training) * per_mb)
 
 
 def test_ep_groups_across_nodes_are_priced_on_the_nics() -> None:
@@ -180,6 +183,10 @@ def test_moe_activation_bytes_by_hand() -> None:
     fp32 weight, expert input and output (2*h*2) and the gated expert's 4 intermediates."""
     per_copy = 8 + 4 + 2 * H * 2 + 4 * 2 * F
     assert moe.mlp_activation_bytes_per_token(mixtral(), 1, 1, 2) == 4 * E + K * per_copy
+    # ep 8: the expert's side (its input, the intermediates) carries the busiest rank's load
+    at_expert = ROUTING_IMBALANCE * (H * 2 + 4 * 2 * F)
+    expected = 4 * E + K * (8 + 4 + H * 2 + at_expert)
+    assert moe.mlp_activation_bytes_per_token(mixtral(), 1, 8, 2) == pytest.approx(expected)
 
 
 def test_dense_models_have_no_moe_terms() -> None:
@@ -305,7 +312,8 @@ def test_measured_all_to_all_fits_replace_the_link_model() -> None:
     prof = Profile(schema_version=1, meta=meta, gpus=gpus, collectives=fits)
     rc = build_rank_costs(model, training, cluster, cfg, prof, DEFAULT_CONSTANTS)
     nbytes = moe.dispatch_bytes(model, 4096, 4, 2)
-    assert rc.block[0].fwd_ep_s == pytest.approx(2 * fits[0].time_s(nbytes))
+    counts = fits[0].time_s(8 * E)
+    assert rc.block[0].fwd_ep_s == pytest.approx(2 * fits[0].time_s(nbytes) + counts)
 
 
 def test_moe_block_activation_bytes_by_hand() -> None:
@@ -339,3 +347,15 @@ def test_all_to_all_buffers_are_resident_once_per_rank() -> None:
     rc = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS)
     buffers = 2 * 2 * 4096 * K * ROUTING_IMBALANCE * H * 2
     assert rc.fixed_bytes[0] == pytest.approx(FRAMEWORK_RESERVE_BYTES + buffers)
+
+
+def test_tp_completes_the_routing_gradient_with_one_all_reduce() -> None:
+    """tp 2: backward all-reduces the [T, k] routing-weight gradient over TP once per block."""
+    model, training = mixtral(), _mixtral_training()
+    cluster = presets.load_cluster("dgx-h100", 1)
+    cfg = ParallelConfig(tp=2, pp=1, dp=4, micro_batch=1, zero=1, ep=4)
+    rc = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS)
+    dense_ar = 2 * ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * H * 2, 450e9, 2e-6)
+    routing = ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * K * 2, 450e9, 2e-6)
+    assert rc.block[0].fwd_tp_s == pytest.approx(dense_ar)
+    assert rc.block[0].bwd_tp_s == pytest.approx(dense_ar + routing)

@@ -133,21 +133,24 @@ def mlp_activation_bytes_per_token(
     (replacing the dense MLP's (2|4) * d * ffn / tp; the normed input is counted with the
     block's linear inputs in memory.py).
 
-    Router: fp32 probabilities E * 4. Per routed copy (k per token, times the imbalance): the
-    int64 index and fp32 weight, `saved_hidden_per_routed_copy` h-wide tensors (expert input
-    and output) and the gated expert's intermediates as the dense MLP keeps them (gate, up,
-    silu(gate), product: 4 * d * f_e / tp; GELU 2). Shared experts keep theirs per token.
+    Router: fp32 probabilities E * 4. Per routed copy (k per token): on the routing side the
+    int64 index, the fp32 weight and the expert output received back; on the expert's side
+    (times the busiest rank's imbalance) the expert input and the gated expert's
+    intermediates as the dense MLP keeps them (gate, up, silu(gate), product: 4 * d * f_e /
+    tp; GELU 2). Shared experts keep theirs per token.
     """
     m = model.moe
     assert m is not None
     d, h = dtype_bytes, model.hidden
     inner = 2 if model.mlp is MlpKind.GELU else 4
     router = rules.router_probs_bytes * m.experts
-    per_copy = float(rules.routed_index_bytes + rules.routed_weight_bytes)
-    per_copy += rules.saved_hidden_per_routed_copy * d * h + inner * d * m.expert_ffn_hidden / tp
+    source = float(rules.routed_index_bytes + rules.routed_weight_bytes)
+    source += rules.saved_hidden_at_source * d * h
+    at_expert = rules.saved_hidden_at_expert * d * h + inner * d * m.expert_ffn_hidden / tp
+    routed = m.top_k * (source + rules.imbalance(ep, m.experts) * at_expert)
     shared = m.shared_experts * inner * d * m.shared_ffn_hidden / tp
     gate = 2 * d if m.shared_expert_gate else 0  # the gate's logit and sigmoid output
-    return router + m.top_k * rules.imbalance(ep, m.experts) * per_copy + shared + gate
+    return router + routed + shared + gate
 
 
 def dispatch_bytes(
@@ -156,6 +159,19 @@ def dispatch_bytes(
     """The per-rank buffer of one dispatch (or combine) all-to-all: the busiest rank's routed
     copies, h elements each (nccl-tests' "size" convention of collectives.py)."""
     return routed_copies(model, tokens, ep, rules) * model.hidden * dtype_bytes
+
+
+def routing_grad_bytes(
+    model: ModelSpec, tokens: int, dtype_bytes: int, rules: MoeRules = EXECUTOR_MOE
+) -> tuple[float, ...]:
+    """The TP all-reduces in backward that complete the routing weights' gradient (T x k) and
+    the shared gate's (T x 1), one each, when `tp_reduces_routing_grad`."""
+    m = model.moe
+    assert m is not None
+    if not rules.tp_reduces_routing_grad:
+        return ()
+    gate = (float(tokens * dtype_bytes),) if m.shared_expert_gate else ()
+    return (float(tokens * m.top_k * dtype_bytes), *gate)
 
 
 def transient_bytes(
@@ -229,6 +245,20 @@ def all_to_all_pass_s(
     """One pass (forward or backward) of one MoE block: a dispatch and a combine all-to-all of
     `nbytes` per rank on the rank's EP group (the backward sends the gradients the same way)."""
     return 2.0 * links.collective_s(A2A, rank, nbytes, profile)
+
+
+def count_exchange_s(
+    model: ModelSpec,
+    links: GroupLinks,
+    rank: int,
+    profile: Profile | None,
+    rules: MoeRules = EXECUTOR_MOE,
+) -> float:
+    """The forward's exchange of per-expert counts before the dispatch: an all-to-all of E
+    int64 per rank (latency-bound; backward reuses the splits)."""
+    m = model.moe
+    assert m is not None
+    return links.collective_s(A2A, rank, float(rules.count_bytes_per_expert * m.experts), profile)
 
 
 def notes(model: ModelSpec, ep: int, rules: MoeRules = EXECUTOR_MOE) -> list[str]:

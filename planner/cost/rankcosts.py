@@ -266,14 +266,23 @@ def build_rank_costs(
         once = 2 * tp_coll(AG, r, buf) + 2 * tp_coll(RS, r, buf) if sp else 2 * tp_coll(AR, r, buf)
         # MoE: dispatch + combine per pass; full recompute runs the forward's pair again
         a2a_pass = moe.all_to_all_pass_s(a2a_bytes, a2a, r, profile) if a2a else 0.0
+        counts = moe.count_exchange_s(model, a2a, r, profile, runtime.moe) if a2a else 0.0
+        routing_grad = (
+            sum(
+                tp_coll(AR, r, n)
+                for n in moe.routing_grad_bytes(model, mb * seq, dtype.nbytes, runtime.moe)
+            )
+            if model.moe is not None
+            else 0.0
+        )
         blocks.append(
             PartTimes(
                 fwd_compute_s=bt.forward_s,
                 bwd_compute_s=bt.backward_s,
                 fwd_tp_s=once,
-                bwd_tp_s=once * (2 if rc == "full" else 1),
-                fwd_ep_s=a2a_pass,
-                bwd_ep_s=a2a_pass * (2 if rc == "full" else 1),
+                bwd_tp_s=once * (2 if rc == "full" else 1) + routing_grad,
+                fwd_ep_s=a2a_pass + counts,
+                bwd_ep_s=a2a_pass + (a2a_pass + counts if rc == "full" else 0.0),
             )
         )
         if r == 0:
