@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import presets
 from cli.main import main
 from planner.cost.estimate import estimate, split_problem
 from planner.cost.memory import tp_rank_params
-from planner.ilp import solve_split
+from planner.ilp import rank_layer_bounds, solve_split
 from planner.parallel import ParallelConfig
-from planner.search import search
+from planner.search import _CheapBounds, needs_more_memory, search, step_lower_bound_s
 from planner.search_space import SearchOptions, enumerate_configs, parse_fix
 from planner.specs import ModelSpec, MoeSpec, TrainingSpec
 
@@ -164,3 +165,34 @@ def test_search_finds_the_brute_force_top_k_with_ep(allow: frozenset[str]) -> No
                 priced.add((est.step_time_s, est.peak_memory_bytes))
     got = [(p.estimate.step_time_s, p.estimate.peak_memory_bytes) for p in result.plans]
     assert got == sorted(priced)[:3]
+
+
+def test_memory_dominance_and_shared_bounds_hold_with_ep() -> None:
+    """needs_more_memory within a (tp, pp, dp, schedule, v, ep) family and the shared step
+    bound (keyed by ep) hold on the MoE cost model, with EP groups inside and across nodes."""
+    model = presets.load_model("mixtral-8x7b")
+    cluster = presets.load_cluster("dgx-h100", 2)
+    training = TrainingSpec(global_batch=64, seq_len=4096)
+    options = SearchOptions(allow=frozenset({"ep"}))
+    configs, _ = enumerate_configs(model, training, cluster, options)
+    rng = random.Random(3)
+    families: dict = {}
+    for c in configs:
+        families.setdefault((c.tp, c.pp, c.dp, c.schedule, c.virtual_stages, c.ep), []).append(c)
+    pairs = 0
+    for key in sorted(families, key=str)[:: max(1, len(families) // 10)]:
+        sample = rng.sample(families[key], min(6, len(families[key])))
+        problems = {id(c): split_problem(model, training, cluster, c) for c in sample}
+        for light in sample:
+            for heavy in sample:
+                if heavy is light or not needs_more_memory(heavy, light):
+                    continue
+                a = rank_layer_bounds(problems[id(heavy)])
+                b = rank_layer_bounds(problems[id(light)])
+                assert all(x <= y for x, y in zip(a, b, strict=True)), (heavy, light)
+                pairs += 1
+    assert pairs > 0
+    bounds = _CheapBounds(model, training, cluster, None, split_problem)
+    for cfg in rng.sample([c for c in configs if c.ep > 1], 30):
+        exact = step_lower_bound_s(split_problem(model, training, cluster, cfg))
+        assert bounds.of(cfg) <= exact * (1 + 1e-9), cfg
