@@ -250,7 +250,8 @@ def plan_sections(
     from planner.search_space import FIXABLE
 
     c = plan.config
-    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in FIXABLE]
+    shown = [f for f in FIXABLE if f != "ep" or c.ep > 1]  # ep only for expert-parallel plans
+    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in shown]
     cfg_rows += [
         ["micro-batches", plan.num_micro_batches],
         ["source", estimate_json.get("source", "?")],
