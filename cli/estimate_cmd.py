@@ -59,7 +59,7 @@ def _header(model: Any, cluster: Any, config: Any, training: Any) -> str:
         f"micro-batches={config.num_micro_batches(training)} schedule={config.schedule.value}"
         f"{f' v={config.virtual_stages}' if config.virtual_stages > 1 else ''} "
         f"recompute={config.recompute.value} sp={'on' if config.sequence_parallel else 'off'} "
-        f"zero={config.zero}"
+        f"zero={config.zero}{f' ep={config.ep}' if config.ep > 1 else ''}"
     )
 
 
@@ -86,7 +86,10 @@ def _render(est: Any, header: str) -> None:
     bd.add_column("part")
     bd.add_column("time", justify="right")
     bd.add_column("share", justify="right")
-    for name in ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "optimizer_s"):
+    names = ["compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "optimizer_s"]
+    if est.breakdown.ep_comm_s:  # MoE dispatch + combine all-to-all (planner/cost/moe.py)
+        names.insert(2, "ep_comm_s")
+    for name in names:
         value = getattr(est.breakdown, name)
         bd.add_row(name[:-2], format_seconds(value), f"{100 * value / est.step_time_s:.1f} %")
     out.print(bd)
@@ -161,6 +164,9 @@ def register(app: typer.Typer) -> None:
             False, "--sequence-parallel", help="Megatron sequence parallelism (tp >= 2)."
         ),
         zero: int = typer.Option(0, "--zero", help="ZeRO stage over dp: 0 | 1 | 2 | 3"),
+        ep: int = typer.Option(
+            1, "--ep", help="Expert-parallel degree (MoE models; divides dp and the experts)."
+        ),
         dtype: str = DTYPE_OPTION,
         grad_dtype: str = GRAD_DTYPE_OPTION,
         flash_attention: bool = FLASH_OPTION,
@@ -202,6 +208,7 @@ def register(app: typer.Typer) -> None:
             recompute=recompute,
             sequence_parallel=sequence_parallel,
             zero=zero,
+            ep=ep,
         )
         prof = load_profile_for(profile, cluster_spec, training, model_spec)
         est = estimate(model_spec, training, cluster_spec, config, prof, runtime=semantics)

@@ -74,7 +74,12 @@ def plan_json(result: Any, training: Any) -> dict[str, Any]:
     plans = []
     for p in result.plans:
         data = p.estimate.to_json()
-        cfg = {name: getattr(p.config, name) for name in CONFIG_FIELDS}
+        # ep omitted at 1, as in plan.json, so dense documents keep their keys
+        cfg = {
+            name: getattr(p.config, name)
+            for name in CONFIG_FIELDS
+            if name != "ep" or p.config.ep != 1
+        }
         cfg["stage_layers"] = p.config.stage_layers
         cfg["rank_to_gpu"] = p.config.rank_to_gpu
         data["config"] = cfg
@@ -96,11 +101,17 @@ def _schedule_text(c: Any) -> str:
     return c.schedule.value + (f" v={c.virtual_stages}" if c.virtual_stages > 1 else "")
 
 
+def _degrees(c: Any, with_ep: bool) -> str:
+    return f"{c.tp}·{c.pp}·{c.dp}" + (f"·{c.ep}" if with_ep else "")
+
+
 def _table(result: Any) -> Table:
     table = Table(title="best configurations (fastest first)", box=box.SIMPLE_HEAD, pad_edge=False)
+    # MoE plans: the expert-parallel degree and the all-to-all share of the step
+    moe = any(p.config.ep > 1 or p.estimate.breakdown.ep_comm_s for p in result.plans)
     for col in (
         "#",
-        "tp·pp·dp",
+        "tp·pp·dp·ep" if moe else "tp·pp·dp",
         "mb",
         "schedule",
         "recompute",
@@ -110,13 +121,14 @@ def _table(result: Any) -> Table:
         "tokens/s",
         "MFU",
         "mem/cap GiB",
+        *(("a2a",) if moe else ()),
     ):
         table.add_column(col, justify="left" if col in ("schedule", "recompute") else "right")
     for i, p in enumerate(result.plans):
         c, e = p.config, p.estimate
         table.add_row(
             str(i + 1),
-            f"{c.tp}·{c.pp}·{c.dp}",
+            _degrees(c, moe),
             str(c.micro_batch),
             _schedule_text(c),
             c.recompute.value,
@@ -126,6 +138,7 @@ def _table(result: Any) -> Table:
             f"{e.tokens_per_s:,.0f}",
             f"{100 * e.mfu:.1f}%",
             f"{e.peak_memory_bytes / GIB:.1f}/{e.memory_capacity_bytes / GIB:.1f}",
+            *((f"{100 * e.breakdown.ep_comm_s / e.step_time_s:.1f}%",) if moe else ()),
         )
     return table
 
@@ -169,13 +182,15 @@ def why_this_plan(result: Any) -> str:
     parts = {
         "pipeline bubble": bd.bubble_s,
         "tensor-parallel communication": bd.tp_comm_s,
+        "expert-parallel all-to-all": bd.ep_comm_s,
         "pipeline p2p communication": bd.pp_comm_s,
         "exposed data-parallel communication": bd.dp_comm_s,
         "the optimizer step": bd.optimizer_s,
     }
     name, worst = max(parts.items(), key=lambda kv: (kv[1], kv[0]))
+    ep = f" ep={c.ep}" if c.ep > 1 else ""
     text = [
-        f"tp={c.tp} pp={c.pp} dp={c.dp} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
+        f"tp={c.tp} pp={c.pp} dp={c.dp}{ep} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
         f"recompute {c.recompute.value}, ZeRO-{c.zero}) is predicted fastest at "
         f"{format_seconds(step)} per step ({100 * e.mfu:.1f} % MFU); compute is "
         f"{100 * bd.compute_s / step:.0f} % of the step."
@@ -202,7 +217,8 @@ def why_this_plan(result: Any) -> str:
         gap = runner.estimate.step_time_s / step - 1
         rc = runner.config
         text.append(
-            f"The runner-up (tp={rc.tp} pp={rc.pp} dp={rc.dp} mb={rc.micro_batch} "
+            f"The runner-up (tp={rc.tp} pp={rc.pp} dp={rc.dp}"
+            f"{f' ep={rc.ep}' if rc.ep > 1 else ''} mb={rc.micro_batch} "
             f"{_schedule_text(rc)} recompute {rc.recompute.value} ZeRO-{rc.zero}) is "
             f"{100 * gap:.2f} % slower."
         )
@@ -353,14 +369,15 @@ def register(app: typer.Typer) -> None:
             None,
             "--allow",
             help="Widen the search: tp (tensor parallel across nodes), zero (ZeRO-2/3 with "
-            "pipelining), gpipe (the GPipe schedule); comma-separated.",
+            "pipelining), gpipe (the GPipe schedule), ep (expert parallel across nodes); "
+            "comma-separated.",
         ),
         fix: list[str] = typer.Option(
             None,
             "--fix",
             help="Pin config fields, e.g. --fix tp=8,pp=4 --fix schedule=interleaved. Fields: "
             "tp, pp, dp, micro_batch, schedule, virtual_stages, recompute, "
-            "sequence_parallel, zero.",
+            "sequence_parallel, zero, ep (expert parallel, MoE models).",
         ),
         max_time_s: float = typer.Option(
             None, "--max-time-s", help="Stop searching after this many seconds (best so far)."

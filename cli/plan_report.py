@@ -85,9 +85,17 @@ def timeline_events(
             OpKind.FORWARD: chunk_times(rc, split, "fwd_compute_s"),
             OpKind.BACKWARD: chunk_times(rc, split, "bwd_compute_s"),
         },
+        # the op's communication: TP collectives and the MoE all-to-all (0 when dense)
         tp_s={
-            OpKind.FORWARD: chunk_times(rc, split, "fwd_tp_s"),
-            OpKind.BACKWARD: chunk_times(rc, split, "bwd_tp_s"),
+            kind: tuple(
+                a + b
+                for a, b in zip(
+                    chunk_times(rc, split, f"{pass_}_tp_s"),
+                    chunk_times(rc, split, f"{pass_}_ep_s"),
+                    strict=True,
+                )
+            )
+            for kind, pass_ in ((OpKind.FORWARD, "fwd"), (OpKind.BACKWARD, "bwd"))
         },
         pp=pp,
         v=v,
@@ -242,7 +250,8 @@ def plan_sections(
     from planner.search_space import FIXABLE
 
     c = plan.config
-    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in FIXABLE]
+    shown = [f for f in FIXABLE if f != "ep" or c.ep > 1]  # ep only for expert-parallel plans
+    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in shown]
     cfg_rows += [
         ["micro-batches", plan.num_micro_batches],
         ["source", estimate_json.get("source", "?")],

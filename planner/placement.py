@@ -380,7 +380,10 @@ def place(
             return sur.objective(slots.rank_map(sg, shape))
 
         states = None
-        if cluster.num_gpus <= EXACT_MAX_GPUS:
+        # The exact search relies on relabelling the data-parallel index d being free, which
+        # expert parallelism breaks (EP groups are consecutive d): local search, then the cost
+        # model (which prices the all-to-all on the placed links) picks among the candidates.
+        if cluster.num_gpus <= EXACT_MAX_GPUS and config.ep == 1:
             states = _exact_states(slots, config)
         if states is not None:
             method = "exact"

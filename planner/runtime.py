@@ -8,9 +8,10 @@ systems the analytic constants are calibrated on are other instances (`MEGATRON_
 Does not own: the formulas that price these rules (planner/cost/), or the executor (executor/),
 whose docstrings point here.
 
-The description has two parts: the data-parallel synchronisation rules (`RuntimeSemantics`)
-and the memory rules (`MemoryRules`: what a block saves for backward, which buffers stay
-resident), which planner/cost/memory.py prices.
+The description has three parts: the data-parallel synchronisation rules (`RuntimeSemantics`),
+the memory rules (`MemoryRules`: what a block saves for backward, which buffers stay
+resident), which planner/cost/memory.py prices, and the Mixture-of-Experts block (`MoeRules`:
+routing, dispatch, what it keeps), which planner/cost/moe.py prices.
 """
 
 from __future__ import annotations
@@ -128,6 +129,92 @@ MEGATRON_MEMORY = MemoryRules(
 )
 
 
+# Tokens the busiest expert receives, as a multiple of the mean (T * top_k / experts), when
+# routing is dropless and trained with the load-balancing loss. An estimate: 1.25 is
+# the capacity factor Switch Transformer trains with (Fedus et al. 2022, Sec. 2.2 and Table 1,
+# where tokens above it would be dropped) and GShard's training default for top-2 as a bound
+# per expert group (Lepikhin et al. 2021, Sec. 2.2); a profile of measured top-k load spreads
+# is to replace it. Unit: dimensionless (>= 1).
+ROUTING_IMBALANCE = 1.25
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoeRules:
+    """What one Mixture-of-Experts block of a runtime does, as the cost model prices it.
+
+    The executor's MoE block (executor/, written to match these fields) is: a bias-free
+    h x experts router linear on the block's normed input, softmax over experts in fp32,
+    token-choice top-k (Shazeer et al. 2017; Mixtral, Jiang et al. 2024: the k weights
+    renormalised to sum to 1), the Switch load-balancing auxiliary loss experts * sum_i f_i *
+    P_i (Fedus et al. 2022, Eq. 4; f_i the routed fraction, no gradient; P_i the mean router
+    probability), tokens sorted by expert, dispatched with `all_to_all_single` with per-rank
+    splits over the expert-parallel group (ep consecutive data-parallel ranks), each local
+    expert a gated MLP of expert_ffn_hidden (split by tp like the dense MLP) run as its own
+    GEMMs on the tokens it received, the outputs sent back by a second `all_to_all_single`
+    and combined weighted by the router probabilities (index_add into the token order); shared
+    experts run on every token beside the routed ones. No token is dropped (dropless), so the
+    busiest rank's load is `routing_imbalance` times the mean. With tp > 1 the tokens are
+    replicated over the TP group (no sequence sharding inside the MoE block), and every TP rank
+    dispatches them to the same-tp-index ranks of its EP group.
+    """
+
+    # Busiest expert's tokens / mean (ROUTING_IMBALANCE); see `imbalance` for a rank's.
+    routing_imbalance: float
+    # Bytes per element of the router logits / probabilities kept for backward (fp32 softmax).
+    router_probs_bytes: int
+    # Per routed copy (token x k) on the rank that routes it: the int64 sort index and the
+    # fp32 combine weight kept.
+    routed_index_bytes: int
+    routed_weight_bytes: int
+    # h-wide compute-dtype tensors kept per routed copy on the expert's rank (the expert input,
+    # saved by w1/w3; its count is the busiest rank's, times the imbalance) and on the routing
+    # rank (the expert output received back, saved by the probability-weighted combine for the
+    # router's gradient; exactly T * k).
+    saved_hidden_at_expert: int
+    saved_hidden_at_source: int
+    # h-wide compute-dtype buffers per routed copy alive only while the block runs: the sorted
+    # (permuted) send buffer of the dispatch and the expert output before the combine's
+    # all-to-all. Counted once per rank, not per block (freed before the next block).
+    transient_hidden_per_routed_copy: int
+    # Each local expert is its own GEMMs (a loop over experts), not one grouped GEMM: each pays
+    # the per-GEMM ramp of planner/cost/analytic.py at its own (smaller) shape.
+    gemm_per_local_expert: bool
+    # Before the rows, the dispatch exchanges the per-expert counts (an all_to_all_single of
+    # E int64 per rank) so receivers know their splits; backward reuses them. Unit: bytes per
+    # expert.
+    count_bytes_per_expert: int
+    # With tp > 1 every TP rank routes the same tokens and holds ffn/tp of each expert, so the
+    # routing weights' gradient [T, k] (and the shared gate's [T, 1]) is a partial sum: it is
+    # all-reduced over TP in backward, in the compute dtype.
+    tp_reduces_routing_grad: bool
+
+    def imbalance(self, ep: int, experts: int) -> float:
+        """Busiest EP rank's routed copies / mean (T * top_k) when it holds g = experts / ep
+        experts: 1 + (routing_imbalance - 1) * sqrt((E - g) / (g * (E - 1))). The per-expert
+        excess shrinks as a rank's g expert loads add up, by the finite-population correction
+        of a sum of g of E loads with a fixed total (Cochran 1977, Sampling Techniques, Eq.
+        2.8): the full excess at g = 1, none at ep = 1 (every expert local, load exactly the
+        mean). An estimate of the same standing as ROUTING_IMBALANCE."""
+        if ep <= 1 or experts <= 1:
+            return 1.0
+        g = experts / ep
+        return 1.0 + (self.routing_imbalance - 1.0) * ((experts - g) / (g * (experts - 1))) ** 0.5
+
+
+EXECUTOR_MOE = MoeRules(
+    routing_imbalance=ROUTING_IMBALANCE,
+    router_probs_bytes=4,
+    routed_index_bytes=8,
+    routed_weight_bytes=4,
+    saved_hidden_at_expert=1,
+    saved_hidden_at_source=1,
+    transient_hidden_per_routed_copy=2,
+    gemm_per_local_expert=True,
+    count_bytes_per_expert=8,
+    tp_reduces_routing_grad=True,
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeSemantics:
     """The data-parallel rules of one runtime (see the module docstring)."""
@@ -153,6 +240,7 @@ class RuntimeSemantics:
     # gradients; executor/dp.py).
     zero1_runs_as_zero2: bool
     memory: MemoryRules
+    moe: MoeRules = EXECUTOR_MOE
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap_efficiency <= 1.0:

@@ -35,6 +35,8 @@ Search space (defaults; `--allow` widens, `--fix` pins any field):
 - schedule 1f1b, and interleaved with v in the divisors (>= 2) of layers // pp when the
   micro-batch count is a multiple of pp (`allow gpipe`: also GPipe);
 - recompute none | selective | full; sequence parallel off/on when tp > 1;
+- ep (Mixture-of-Experts models only): the divisors of dp that divide the expert count and
+  keep the EP group (ep * tp consecutive GPUs) inside one node (`allow ep`: across nodes);
 - ZeRO 0 | 1 with dp > 1, and 2 | 3 only without pipelining, as Megatron-LM and DeepSpeed do
   not pipeline ZeRO-2/3 (gradients and weights would be re-gathered per micro-batch)
   (`allow zero`: ZeRO-2/3 with pp > 1 too).
@@ -291,14 +293,14 @@ def _insert(
 
 
 def _memory_family(c: ParallelConfig) -> tuple[Any, ...]:
-    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages)
+    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages, c.ep)
 
 
 def needs_more_memory(heavy: ParallelConfig, light: ParallelConfig) -> bool:
     """Whether `heavy` needs at least `light`'s memory on every rank for every split.
 
     Only orderings that hold term by term in the memory model (planner/cost/memory.py,
-    rankcosts.py) are used, with (tp, pp, dp, schedule, v) equal:
+    rankcosts.py) are used, with (tp, pp, dp, schedule, v, ep) equal:
     - a larger micro-batch: activations, logits, p2p buffers and the recompute working set
       scale with it, and in-flight count x micro-batch (min(pp - r, m) * mb with
       m = per-replica batch / mb, or its interleaved analogue) does not shrink;
@@ -382,7 +384,7 @@ class _CheapBounds:
     """Step-time lower bounds without building each candidate's SplitProblem.
 
     The bound (`step_lower_bound_s`) reads only the per-rank block, embedding and head times.
-    In `build_rank_costs` those depend on (tp, micro_batch, recompute, sequence_parallel), the
+    In `build_rank_costs` those depend on (tp, micro_batch, recompute, sequence_parallel, ep), the
     GPU type and the TP group's links; on a cluster of identical nodes, without a profile, with
     the TP group inside one node (tp divides the GPUs per node), they are the same for every
     pp, dp, schedule and ZeRO stage. There one SplitProblem per such key gives every
@@ -408,7 +410,12 @@ class _CheapBounds:
     def of(self, cfg: ParallelConfig) -> float:
         if not self._shared or self._gpn % cfg.tp:
             return 0.0
-        key = (cfg.tp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel)
+        # an EP group of ep consecutive DP ranks spans ep * tp consecutive GPUs: inside one node
+        # or over whole nodes alike for every pp and dp, so its all-to-all link is shared too
+        span = cfg.ep * cfg.tp
+        if cfg.ep > 1 and self._gpn % span and span % self._gpn:
+            return 0.0
+        key = (cfg.tp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.ep)
         if key not in self._times:
             p = self._split_problem(*self._args, cfg, None)
             self._times[key] = (p.block_time_s[0], p.embedding_time_s, p.head_time_s)
@@ -426,8 +433,9 @@ class _CheapBounds:
 def describe_config(c: ParallelConfig) -> str:
     sched = c.schedule.value + (f"(v={c.virtual_stages})" if c.virtual_stages > 1 else "")
     sp = " sp" if c.sequence_parallel else ""
+    ep = f" ep={c.ep}" if c.ep > 1 else ""
     return (
-        f"tp={c.tp} pp={c.pp} dp={c.dp} micro_batch={c.micro_batch} {sched} "
+        f"tp={c.tp} pp={c.pp} dp={c.dp}{ep} micro_batch={c.micro_batch} {sched} "
         f"recompute={c.recompute.value} zero={c.zero}{sp}"
     )
 

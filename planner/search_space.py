@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from planner.cost import moe
 from planner.errors import SpecError
 from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
@@ -21,6 +22,7 @@ ALLOW_CHOICES: dict[str, str] = {
     "tp": "tensor parallelism across nodes (tp may be any divisor of the GPU count)",
     "zero": "ZeRO-2/3 together with pipeline parallelism",
     "gpipe": "the GPipe schedule (every micro-batch in flight)",
+    "ep": "expert-parallel groups across nodes (ep may be any divisor of dp)",
 }
 FIXABLE: tuple[str, ...] = (
     "tp",
@@ -32,6 +34,7 @@ FIXABLE: tuple[str, ...] = (
     "recompute",
     "sequence_parallel",
     "zero",
+    "ep",
 )
 
 RECOMPUTE_ORDER = {Recompute.NONE: 0, Recompute.SELECTIVE: 1, Recompute.FULL: 2}
@@ -147,6 +150,7 @@ def config_key(c: ParallelConfig) -> tuple[Any, ...]:
         RECOMPUTE_ORDER[c.recompute],
         c.sequence_parallel,
         c.zero,
+        c.ep,
     )
 
 
@@ -164,6 +168,7 @@ def enumerate_configs(
     )
     out: list[ParallelConfig] = []
     reasons: list[str] = []
+    moe.check_priceable(model)
     tps = _divisors(world) if "tp" in allow else _divisors(gpn)
     for tp in _pick(fix, "tp", tps):
         rule = model.tp_divisible(tp)
@@ -188,23 +193,25 @@ def enumerate_configs(
                             fix, "sequence_parallel", [False, True] if tp > 1 else [False]
                         ):
                             for zero in _pick(fix, "zero", _zeros(allow, pp, dp)):
-                                try:
-                                    cfg = ParallelConfig(
-                                        tp=tp,
-                                        pp=pp,
-                                        dp=dp,
-                                        micro_batch=mb,
-                                        schedule=schedule,
-                                        virtual_stages=v,
-                                        recompute=recompute,
-                                        sequence_parallel=sp,
-                                        zero=zero,
-                                    )
-                                    cfg.validate(model, training, cluster)
-                                except ConfigError as e:
-                                    reasons.append(str(e))
-                                    continue
-                                out.append(cfg)
+                                for ep in _pick(fix, "ep", _eps(model, dp, tp, gpn, allow)):
+                                    try:
+                                        cfg = ParallelConfig(
+                                            tp=tp,
+                                            pp=pp,
+                                            dp=dp,
+                                            micro_batch=mb,
+                                            schedule=schedule,
+                                            virtual_stages=v,
+                                            recompute=recompute,
+                                            sequence_parallel=sp,
+                                            zero=zero,
+                                            ep=ep,
+                                        )
+                                        cfg.validate(model, training, cluster)
+                                    except ConfigError as e:
+                                        reasons.append(str(e))
+                                        continue
+                                    out.append(cfg)
     return out, reasons
 
 
@@ -230,6 +237,16 @@ def _schedules(
     if "virtual_stages" in fix:
         out = [s for s in out if s[1] == fix["virtual_stages"]]
     return out
+
+
+def _eps(model: ModelSpec, dp: int, tp: int, gpn: int, allow: frozenset[str]) -> list[int]:
+    """Expert-parallel degrees: the divisors of dp that divide the expert count (1 if dense),
+    by default only those whose group (ep * tp consecutive GPUs) fits inside one node, where
+    the all-to-all runs on the fast intra-node links (`allow ep`: across nodes too)."""
+    if model.moe is None:
+        return [1]
+    eps = [e for e in _divisors(dp) if model.moe.experts % e == 0]
+    return eps if "ep" in allow else [e for e in eps if gpn % (e * tp) == 0]
 
 
 def _zeros(allow: frozenset[str], pp: int, dp: int) -> list[int]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.cost import moe
 from planner.cost.kernels import (
     KernelConstants,
     flash_attention_s,
@@ -82,12 +83,22 @@ class BlockFlops:
         return sum(self.gemms) + self.attention
 
 
-def block_flops(model: ModelSpec, micro_batch: int, seq_len: int, tp: int) -> BlockFlops:
+def block_flops(
+    model: ModelSpec,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    *,
+    ep: int = 1,
+    moe_imbalance: float = 1.0,
+) -> BlockFlops:
     """Forward FLOPs of one block per TP rank (2 FLOPs per multiply-add).
 
     GPT shape (Narayanan et al. 2021 Sec. 5.1 / Eq. 3): 24*B*s*h^2 + 4*B*s^2*h, generalised by
     counting each matmul: q/k/v projections 2*T*h*(q_dim + 2*kv_dim) (GQA), output 2*T*q_dim*h,
-    MLP 2 (GELU) or 3 (SwiGLU) GEMMs of 2*T*h*ffn, attention 2 * 2*B*s^2*q_dim.
+    MLP 2 (GELU) or 3 (SwiGLU) GEMMs of 2*T*h*ffn, attention 2 * 2*B*s^2*q_dim. An MoE block's
+    feed-forward is the router, shared and local-expert GEMMs of planner/cost/moe.py at expert-
+    parallel degree `ep` with the busiest rank's `moe_imbalance` (1: the model FLOPs).
     """
     tokens = micro_batch * seq_len
     h, f = model.hidden, model.ffn_hidden
@@ -95,6 +106,8 @@ def block_flops(model: ModelSpec, micro_batch: int, seq_len: int, tp: int) -> Bl
     out = 2.0 * tokens * model.q_dim * h / tp
     mlp_one = 2.0 * tokens * h * f / tp
     mlp = (mlp_one,) * (2 if model.mlp is MlpKind.GELU else 3)
+    if model.moe is not None:
+        mlp = moe.mlp_gemm_flops(model, tokens, tp, ep, moe_imbalance)
     attention = 4.0 * micro_batch * seq_len * seq_len * model.q_dim / tp
     return BlockFlops(gemms=(qkv, out, *mlp), attention=attention)
 
@@ -144,39 +157,77 @@ class PassTimes:
     backward_s: float
 
 
-def _linears(model: ModelSpec, tp: int) -> tuple[tuple[float, float], ...]:
-    """(output, input) widths of a block's linears on one TP rank (Megatron split: q/k/v and the
-    MLP's first matrices column-parallel, the output and down projections row-parallel)."""
-    h, f = model.hidden, model.ffn_hidden / tp
-    up = ((f, h),) * (1 if model.mlp is MlpKind.GELU else 2)
-    return (((model.q_dim + 2 * model.kv_dim) / tp, h), (h, model.q_dim / tp), *up, (h, f))
+Linear = tuple[float, float, float, bool]  # (rows, out width, in width, feeds the activation)
+
+
+def _mlp(rows: float, model: ModelSpec, ffn: float) -> list[Linear]:
+    """One MLP's linears: GELU's up projection or SwiGLU's gate and up, then the down."""
+    h = model.hidden
+    ups = 1 if model.mlp is MlpKind.GELU else 2
+    return [(rows, ffn, h, True)] * ups + [(rows, h, ffn, False)]
+
+
+def _block_linears(
+    model: ModelSpec,
+    tokens: float,
+    tp: int,
+    ep: int = 1,
+    imbalance: float = 1.0,
+    per_expert_gemms: bool = True,
+) -> list[Linear]:
+    """The linears of a block on one TP rank (Megatron split: q/k/v and the MLP's first
+    matrices column-parallel, the output and down projections row-parallel). An MoE block's
+    feed-forward (moe.py, the executor's rules): the router over all experts, the shared-expert
+    gate, each shared expert on every token, and each of the E/ep local experts on its
+    T*k*imbalance*ep/E routed rows (one expert set over all copies without per-expert GEMMs)."""
+    h = model.hidden
+    out: list[Linear] = [
+        (tokens, (model.q_dim + 2 * model.kv_dim) / tp, h, False),
+        (tokens, h, model.q_dim / tp, False),
+    ]
+    m = model.moe
+    if m is None:
+        return out + _mlp(tokens, model, model.ffn_hidden / tp)
+    out.append((tokens, m.experts, h, False))
+    if m.shared_expert_gate:
+        out.append((tokens, 1, h, False))
+    for _ in range(m.shared_experts):
+        out += _mlp(tokens, model, m.shared_ffn_hidden / tp)
+    copies = tokens * m.top_k * imbalance
+    if per_expert_gemms:
+        local = m.experts // ep
+        for _ in range(local):
+            out += _mlp(copies / local, model, m.expert_ffn_hidden / tp)
+    else:
+        out += _mlp(copies, model, m.expert_ffn_hidden / tp)
+    return out
 
 
 def _elementwise_bytes(
-    model: ModelSpec, tokens: float, tp: int, sequence_parallel: bool, dtype: Dtype, dropout: bool
+    model: ModelSpec,
+    linears: list[Linear],
+    tokens: float,
+    tp: int,
+    sequence_parallel: bool,
+    dtype: Dtype,
+    dropout: bool,
 ) -> float:
     """Bytes the memory-bound kernels of one block's forward read plus write (one TP rank).
 
-    Two norms (read x, write y), two residual adds (read 2, write 1), the MLP activation
-    (GELU: read and write ffn; SwiGLU: read gate and up, write the product), RoPE on q and k
-    (read and write), and with dropout two dropouts (read, write, 1-byte mask; Megatron fuses
-    the bias add into them). Norms and adds run on the whole sequence on every TP rank unless
-    sequence parallelism splits it (Korthikanti et al. 2022 Sec. 4.2.2).
+    Two norms (read x, write y), two residual adds (read 2, write 1), the MLP activation over
+    the outputs of the linears that feed it (GELU: read and write; SwiGLU: read gate and up,
+    write the product), RoPE on q and k (read and write), and with dropout two dropouts (read,
+    write, 1-byte mask; Megatron fuses the bias add into them). Norms and adds run on the whole
+    sequence on every TP rank unless sequence parallelism splits it (Korthikanti et al. 2022
+    Sec. 4.2.2).
     """
     d = dtype.nbytes
     seq_part = tokens * model.hidden / (tp if sequence_parallel else 1)
     per_seq = 2 * 2 * d + 2 * 3 * d + (2 * (2 * d + 1) if dropout else 0)
-    act = (2 if model.mlp is MlpKind.GELU else 3) * d * tokens * model.ffn_hidden / tp
+    per_up = 2.0 if model.mlp is MlpKind.GELU else 1.5
+    act = sum(per_up * d * rows * n for rows, n, _, up in linears if up)
     rope = 2 * d * tokens * (model.q_dim + model.kv_dim) / tp
     return per_seq * seq_part + act + (rope if model.position is PositionKind.ROPE else 0.0)
-
-
-def _fp8_cast_bytes(model: ModelSpec, tokens: float, tp: int, compute_bytes: int) -> float:
-    """Forward bytes of the FP8 casts of a block: every linear's input and weight are read for
-    their amax and read again to write the 1-byte copy (dynamic tensor-wise scaling, torchao
-    float8 training; Micikevicius et al. 2022 "FP8 formats for deep learning")."""
-    elems = sum(tokens * k + k * n for n, k in _linears(model, tp))
-    return elems * (2 * compute_bytes + 1)
 
 
 def _attention_core(
@@ -221,26 +272,31 @@ def block_times(
     dtype: Dtype,
     gemm_dtype: Dtype | None = None,
     c: KernelConstants = DEFAULT_CONSTANTS,
+    ep: int = 1,
+    moe_imbalance: float = 1.0,
+    per_expert_gemms: bool = True,
 ) -> PassTimes:
     """Analytic forward/backward time of one block: its linears by GEMM shape
-    (kernels.linear_s, in `gemm_dtype`: FP8 with fp8 linears), the attention core, and its
+    (kernels.linear_s, in `gemm_dtype`: FP8 with fp8 linears; an MoE block's router, shared and
+    local-expert GEMMs at their own row counts, moe.py), the attention core, and its
     memory-bound kernels by bytes; backward streams twice the forward's elementwise bytes
     (saved input and incoming gradient read, gradient written). Full recompute runs the
     forward again in backward; selective re-runs the checkpointed attention core (executor/
     model.py Attention.core under torch.utils.checkpoint), flash or not."""
     gd = gemm_dtype or dtype
     tokens = micro_batch * seq_len
+    linears = _block_linears(model, tokens, tp, ep, moe_imbalance, per_expert_gemms)
     fwd = bwd = 0.0
-    for n, k in _linears(model, tp):
-        f, b = linear_s(tokens, n, k, gpu, gd, c)
+    for rows, n, k, _ in linears:
+        f, b = linear_s(rows, n, k, gpu, gd, c)
         fwd, bwd = fwd + f, bwd + b
     attn_f, attn_b = _attention_core(
         model, micro_batch, seq_len, tp, flash_attention, dtype, dropout, gpu, c
     )
-    elem = _elementwise_bytes(model, tokens, tp, sequence_parallel, dtype, dropout)
+    elem = _elementwise_bytes(model, linears, tokens, tp, sequence_parallel, dtype, dropout)
     if gd is Dtype.FP8:
         # casts of the inputs in forward; of the output gradients and weights again in backward
-        elem += _fp8_cast_bytes(model, tokens, tp, dtype.nbytes)
+        elem += sum(rows * k + k * n for rows, n, k, _ in linears) * (2 * dtype.nbytes + 1)
     mem_f = memory_bound_s(elem, gpu, c)
     fwd += attn_f + mem_f
     bwd += attn_b + 2.0 * mem_f

@@ -49,6 +49,9 @@ class TimeBreakdown:
     dp_comm_s: float
     bubble_s: float
     optimizer_s: float
+    # MoE dispatch + combine all-to-all on the EP group (in the JSON only when non-zero, so
+    # dense estimates and plans keep their bytes; calibration corrections leave it unscaled)
+    ep_comm_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +125,8 @@ class Estimate:
                     "bubble_s",
                     "optimizer_s",
                 )
-            },
+            }
+            | ({"ep_comm_s": self.breakdown.ep_comm_s} if self.breakdown.ep_comm_s else {}),
             "memory_breakdown": mem(self.memory_breakdown),
             "stages": [
                 {
@@ -152,6 +156,9 @@ class Estimate:
 def _problem(rc: RankCosts, num_layers: int) -> SplitProblem:
     frag = 1.0 + memory.ALLOCATOR_FRAGMENTATION
     per_param = rc.state.total
+    expert_static = (
+        rc.params.expert_per_block * rc.expert_state.total if rc.expert_state is not None else 0.0
+    )
     chunk_boundaries = rc.pp * rc.virtual_stages - 1
     p2p_chain = sum(rc.p2p_s[k % rc.pp] for k in range(chunk_boundaries))
     return SplitProblem(
@@ -164,7 +171,7 @@ def _problem(rc: RankCosts, num_layers: int) -> SplitProblem:
         head_time_s=rc.head.total_s,
         # forward and backward each cross every chunk boundary once on the critical path
         boundary_p2p_s=2.0 * p2p_chain,
-        block_static_bytes=rc.params.per_block * per_param,
+        block_static_bytes=rc.params.per_block * per_param + expert_static,
         block_activation_bytes=rc.block_activation_bytes * frag,
         in_flight=rc.in_flight,
         embedding_static_bytes=rc.params.embedding * per_param + rc.embedding_extra_bytes,
@@ -225,6 +232,14 @@ def _rank_sync_inputs(
     def coll(op: CollectiveOp, params: float) -> float:
         return rc.dp_collective_s(op, r, params * (grad_bytes if op is not AG else param_bytes))
 
+    def expert_coll(op: CollectiveOp) -> float:
+        # routed experts reduce (and gather) over their expert-DP group after the dense part,
+        # on the same stream: the unit's collective time is the sum (planner/cost/moe.py)
+        if rc.expert_dp is None:
+            return 0.0
+        nbytes = rc.params.expert_per_block * (grad_bytes if op is not AG else param_bytes)
+        return rc.expert_dp.collective_s(op, r, nbytes, rc.profile)
+
     return RankSyncInputs(
         blocks=blocks,
         last_chunk_blocks=split[max(k for k in range(chunks) if k % pp == r)],
@@ -236,11 +251,11 @@ def _rank_sync_inputs(
         block_bwd_s=rc.block[r].bwd_s,
         root_fwd_s=(rc.embedding.fwd_s if first else 0.0) + (rc.head.fwd_s if last else 0.0),
         root_bwd_s=(rc.embedding.bwd_s if first else 0.0) + (rc.head.bwd_s if last else 0.0),
-        block_reduce_s=unit.block_s if unit else coll(sync_op, per_block),
+        block_reduce_s=unit.block_s if unit else coll(sync_op, per_block) + expert_coll(sync_op),
         root_reduce_s=(unit.root_s(embedding=first, head=last) if unit else coll(sync_op, root))
         if root
         else 0.0,
-        block_gather_s=coll(AG, per_block) if config.zero >= 1 else 0.0,
+        block_gather_s=coll(AG, per_block) + expert_coll(AG) if config.zero >= 1 else 0.0,
         root_gather_s=coll(AG, root) if config.zero >= 1 and root else 0.0,
         root_first_chunk=r != last_rank or pp == 1,
     )
@@ -319,6 +334,7 @@ def estimate(
     overlaps = not any(n.gpu.kind is DeviceKind.CPU for n in cluster.nodes)
     ends, opt_times = [], []
     rank_params = [0] * pp
+    expert_params = [layers_on[r] * rc.params.expert_per_block for r in range(pp)]
     for r in range(pp):
         n_params = layers_on[r] * rc.params.per_block
         n_params += rc.params.embedding if r == 0 else 0
@@ -326,7 +342,10 @@ def estimate(
         sync_in = _rank_sync_inputs(rc, config, training, split, r)
         exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp > 1 else 0.0
         shard = config.dp if config.zero >= 1 else 1
-        opt = n_params / shard * touched_per_param / rc.hbm_bytes_per_s[r]
+        expert_shard = config.dp // config.ep if config.zero >= 1 else 1
+        # routed experts: their own shard (ZeRO over the expert-DP group), same bytes per param
+        sharded_params = n_params / shard + expert_params[r] / expert_shard
+        opt = sharded_params * touched_per_param / rc.hbm_bytes_per_s[r]
         measured_opt = rc.optimizer[r] if rc.optimizer else None
         if measured_opt is not None:  # profiled step (profiler/optimizer.py)
             opt = measured_opt.rank_step_s(
@@ -347,6 +366,7 @@ def estimate(
     busy = [0.0] * pp
     comp = [0.0] * pp
     tpc = [0.0] * pp
+    epc = [0.0] * pp
     for k, n in enumerate(split):
         r = k % pp
         parts = [(n, rc.block[r])]
@@ -357,6 +377,7 @@ def estimate(
         for cnt, p in parts:
             comp[r] += cnt * (p.fwd_compute_s + p.bwd_compute_s)
             tpc[r] += cnt * (p.fwd_tp_s + p.bwd_tp_s)
+            epc[r] += cnt * (p.fwd_ep_s + p.bwd_ep_s)
             busy[r] += cnt * p.total_s
     b = busy.index(max(busy))
 
@@ -367,6 +388,7 @@ def estimate(
     breakdown = TimeBreakdown(
         compute_s=m * comp[b],
         tp_comm_s=m * tpc[b],
+        ep_comm_s=m * epc[b],
         pp_comm_s=clean(sim.makespan_s - no_p2p),
         dp_comm_s=clean(tail - optimizer_s),
         bubble_s=clean(no_p2p - m * busy[b]),
@@ -387,6 +409,9 @@ def estimate(
         act += rc.in_flight[0] * rc.embedding_activation_bytes if r == 0 else 0.0
         act += rc.head_activation_bytes if r == last_rank else 0.0
         w, g, o = n_params * st.weights, n_params * st.grads, n_params * st.optimizer
+        if rc.expert_state is not None:  # routed experts, sharded over the expert-DP group
+            xs, n_exp = rc.expert_state, expert_params[r]
+            w, g, o = w + n_exp * xs.weights, g + n_exp * xs.grads, o + n_exp * xs.optimizer
         g += rc.embedding_extra_bytes if r == 0 else 0.0
         mb = MemoryBreakdown(
             weights=w, grads=g, optimizer=o, activations=act, other=rank_mem[r] - w - g - o - act

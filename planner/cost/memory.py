@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.cost import moe
 from planner.runtime import EXECUTOR_MEMORY, MemoryRules
 from planner.specs import Dtype, MlpKind, ModelSpec, NormKind, PositionKind
 
@@ -55,6 +56,7 @@ def block_activation_bytes(
     dtype: Dtype,
     residual_bytes: int | None = None,
     rules: MemoryRules = EXECUTOR_MEMORY,
+    ep: int = 1,
 ) -> float:
     """Bytes one block keeps for backward, per micro-batch, on one GPU.
 
@@ -70,7 +72,9 @@ def block_activation_bytes(
     The runtime's own rules (`MemoryRules`) change four terms: what a norm keeps of its input
     and its statistics, whether SP's linears keep the gathered full-sequence input, dropout,
     and the RoPE tables; `residual_bytes` (default: the compute dtype) is what full recompute
-    keeps per element of the block input.
+    keeps per element of the block input. An MoE block keeps its feed-forward's bytes of
+    planner/cost/moe.py (router, k routed copies at expert-parallel degree `ep`, shared experts)
+    in place of the dense MLP's.
     """
     d = dtype.nbytes
     tokens = micro_batch * seq_len
@@ -83,7 +87,11 @@ def block_activation_bytes(
     seq_sharded = 2 * (norm_in * h + stats) + (2 * h if has_dropout(model, rules) else 0)
     linear_inputs = 2 * d * h  # the input of q/k/v and of the MLP's first matrices
     sharded = d * (model.q_dim + model.kv_dim) + d * model.kv_dim + d * model.q_dim
-    sharded += (2 if model.mlp is MlpKind.GELU else 4) * d * f
+    if model.moe is None:
+        sharded += (2 if model.mlp is MlpKind.GELU else 4) * d * f
+        routed = 0.0
+    else:  # tokens are replicated over TP inside the MoE block (runtime.py MoeRules)
+        routed = moe.mlp_activation_bytes_per_token(model, tp, ep, d)
     if flash_attention:
         scores = 0.0 if recompute == "selective" and rules.rope_tables_saved else 4.0 * model.heads
     elif recompute == "selective":
@@ -92,7 +100,10 @@ def block_activation_bytes(
         scores = (2 * d + 1 if has_dropout(model, rules) else d) * model.heads * seq_len
     gathered = sequence_parallel and rules.sp_saves_gathered_inputs
     per_token = (
-        seq_sharded / t_sp + linear_inputs / (1 if gathered else t_sp) + (sharded + scores) / tp
+        seq_sharded / t_sp
+        + linear_inputs / (1 if gathered else t_sp)
+        + (sharded + scores) / tp
+        + routed
     )
     # cos and sin [seq, head_dim/2] per micro-batch, recomputed with the core under selective
     rope = (
@@ -166,14 +177,19 @@ class RankParams:
     per_block: int
     embedding: int
     head: int
+    # An MoE block's routed-expert parameters on this rank (E / ep experts, split by tp);
+    # sharded by ZeRO over the expert-data-parallel group, not over dp. `per_block` is the rest.
+    expert_per_block: int = 0
 
 
-def tp_rank_params(model: ModelSpec, tp: int, pp_chunks: int) -> RankParams:
+def tp_rank_params(model: ModelSpec, tp: int, pp_chunks: int, ep: int = 1) -> RankParams:
     """Elements per TP rank (Shoeybi et al. 2019 Sec. 3 split): q/k/v, output and MLP weights
     and the column-parallel biases are divided by tp; norms and row-parallel biases are
     replicated. Vocab-parallel embedding/head hold ceil(V/tp) rows. `head` includes the final
     norm; with tied embeddings and more than one chunk the last stage keeps its own copy of
-    the embedding matrix for the head (Megatron-LM, Narayanan et al. 2021 Sec. 2.2)."""
+    the embedding matrix for the head (Megatron-LM, Narayanan et al. 2021 Sec. 2.2). An MoE
+    block's feed-forward is planner/cost/moe.py's router + shared experts, and its routed
+    experts are counted apart (`expert_per_block`)."""
     h, q, kv, f = model.hidden, model.q_dim, model.kv_dim, model.ffn_hidden
     norm = 2 * h if model.norm is NormKind.LAYERNORM else h
     attn = (h * q + 2 * h * kv + q * h) // tp
@@ -185,12 +201,23 @@ def tp_rank_params(model: ModelSpec, tp: int, pp_chunks: int) -> RankParams:
     mlp = n_mats * h * f // tp
     if model.bias:
         mlp += (n_mats - 1) * f // tp + h
+    experts = 0
+    if model.moe is not None:
+        mlp, experts = (
+            moe.non_expert_mlp_params(model, tp),
+            moe.expert_params_per_rank(model, tp, ep),
+        )
     vocab_rows = -(-model.vocab // tp)
     embedding = vocab_rows * h + (
         model.max_seq_len * h if model.position is PositionKind.LEARNED else 0
     )
     head_matrix = vocab_rows * h if (not model.tied_embeddings or pp_chunks > 1) else 0
-    return RankParams(per_block=attn + mlp + 2 * norm, embedding=embedding, head=head_matrix + norm)
+    return RankParams(
+        per_block=attn + mlp + 2 * norm,
+        embedding=embedding,
+        head=head_matrix + norm,
+        expert_per_block=experts,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from planner.cost import analytic, compute, memory
+from planner.cost import analytic, compute, memory, moe
 from planner.cost.analytic import AnalyticConstants, PassTimes
 from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
 from planner.parallel import MeshAxis, ParallelConfig
@@ -36,14 +36,17 @@ class PartTimes:
     bwd_compute_s: float
     fwd_tp_s: float
     bwd_tp_s: float
+    # MoE dispatch + combine all-to-all over the EP group (planner/cost/moe.py); 0 when dense
+    fwd_ep_s: float = 0.0
+    bwd_ep_s: float = 0.0
 
     @property
     def fwd_s(self) -> float:
-        return self.fwd_compute_s + self.fwd_tp_s
+        return self.fwd_compute_s + self.fwd_tp_s + self.fwd_ep_s
 
     @property
     def bwd_s(self) -> float:
-        return self.bwd_compute_s + self.bwd_tp_s
+        return self.bwd_compute_s + self.bwd_tp_s + self.bwd_ep_s
 
     @property
     def total_s(self) -> float:
@@ -77,6 +80,10 @@ class RankCosts:
     optimizer: tuple[compute.OptimizerTimes | None, ...] = ()
     # measured DP sync per FSDP unit per rank (compute.DpUnitSync), None: from the collective fit
     dp_sync: tuple[compute.DpUnitSync | None, ...] = ()
+    # MoE: routed-expert state per parameter (ZeRO over the dp / ep expert-DP group) and the
+    # expert-DP groups that reduce expert gradients; None for dense models
+    expert_state: memory.StateBytesPerParam | None = None
+    expert_dp: moe.GroupLinks | None = None
     notes: tuple[str, ...]
 
     def dp_collective_s(self, op: CollectiveOp, rank: int, nbytes: float) -> float:
@@ -108,6 +115,7 @@ def build_rank_costs(
     runtime: RuntimeSemantics = EXECUTOR,
 ) -> RankCosts:
     config.validate(model, training, cluster)
+    moe.check_priceable(model)
     pp, tp, v = config.pp, config.tp, config.virtual_stages
     mb, seq, dtype = config.micro_batch, training.seq_len, training.dtype
     sp, rc, flash = config.sequence_parallel, config.recompute.value, training.flash_attention
@@ -134,6 +142,7 @@ def build_rank_costs(
             dtype=dtype,
             residual_bytes=residual,
             rules=rules,
+            ep=config.ep,
         )
 
     block_act = act(sp, rc)
@@ -169,6 +178,11 @@ def build_rank_costs(
                 dtype=dtype,
                 gemm_dtype=training.gemm_dtype,
                 c=constants,
+                ep=config.ep,
+                moe_imbalance=runtime.moe.imbalance(config.ep, model.moe.experts)
+                if model.moe
+                else 1.0,
+                per_expert_gemms=runtime.moe.gemm_per_local_expert,
             ),
             "embedding": analytic.embedding_times(
                 model, micro_batch=mb, seq_len=seq, gpu=gpu, dtype=dtype, c=constants
@@ -184,6 +198,13 @@ def build_rank_costs(
             ("head", BlockKind.HEAD_AND_LOSS),
         ):
             rec = None
+            if key == "block" and model.moe is not None:
+                # the profiler times dense blocks only; the MoE block's expert GEMMs depend on
+                # ep and the routing, which no record describes yet
+                measured_blocks = False
+                if use_profile:
+                    notes.append("MoE blocks: analytic estimate (no measured MoE block records)")
+                continue
             if dev is not None and profile is not None:
                 rec = compute.lookup(
                     profile,
@@ -217,6 +238,8 @@ def build_rank_costs(
         notes.append("activation memory from the executor's memory rules, not the profile")
     if source == "analytic":
         notes.insert(0, "analytic estimate")
+    if model.moe is not None:
+        notes.extend(moe.notes(model, config.ep, runtime.moe))
 
     # --- collectives
     buf = float(mb * seq * model.hidden * dtype.nbytes)
@@ -234,6 +257,16 @@ def build_rank_costs(
 
     blocks, emb, head = [], None, None
     last_rank = (pp * v - 1) % pp
+    a2a = (
+        moe.ep_links(
+            cluster, config, (constants.intra_link_efficiency, constants.network_efficiency)
+        )
+        if config.ep > 1
+        else None
+    )
+    a2a_bytes = (
+        moe.dispatch_bytes(model, mb * seq, config.ep, dtype.nbytes, runtime.moe) if a2a else 0.0
+    )
     for r in range(pp):
         worst = max(
             types[r], key=lambda i: parts[i]["block"].forward_s + parts[i]["block"].backward_s
@@ -242,12 +275,25 @@ def build_rank_costs(
         # Megatron: 2 all-reduces per pass (f/g operators); SP: all-gather + reduce-scatter
         # in their place, same volume (Korthikanti et al. 2022 Sec. 4.2.2)
         once = 2 * tp_coll(AG, r, buf) + 2 * tp_coll(RS, r, buf) if sp else 2 * tp_coll(AR, r, buf)
+        # MoE: dispatch + combine per pass; full recompute runs the forward's pair again
+        a2a_pass = moe.all_to_all_pass_s(a2a_bytes, a2a, r, profile) if a2a else 0.0
+        counts = moe.count_exchange_s(model, a2a, r, profile, runtime.moe) if a2a else 0.0
+        routing_grad = (
+            sum(
+                tp_coll(AR, r, n)
+                for n in moe.routing_grad_bytes(model, mb * seq, dtype.nbytes, runtime.moe)
+            )
+            if model.moe is not None
+            else 0.0
+        )
         blocks.append(
             PartTimes(
                 fwd_compute_s=bt.forward_s,
                 bwd_compute_s=bt.backward_s,
                 fwd_tp_s=once,
-                bwd_tp_s=once * (2 if rc == "full" else 1),
+                bwd_tp_s=once * (2 if rc == "full" else 1) + routing_grad,
+                fwd_ep_s=a2a_pass + counts,
+                bwd_ep_s=a2a_pass + (a2a_pass + counts if rc == "full" else 0.0),
             )
         )
         if r == 0:
@@ -305,9 +351,17 @@ def build_rank_costs(
         in_flight=float(m) if config.schedule.value == "gpipe" else 1.0,
         rules=rules,
     )
-    params = memory.tp_rank_params(model, tp, config.num_chunks)
+    params = memory.tp_rank_params(model, tp, config.num_chunks, config.ep)
     state = memory.state_bytes_per_param(
         dtype, training.grad_dtype, config.zero, config.dp, pipelined=pp > 1, rules=rules
+    )
+    expert_dp = config.dp // config.ep
+    expert_state = (
+        memory.state_bytes_per_param(
+            dtype, training.grad_dtype, config.zero, expert_dp, pipelined=pp > 1, rules=rules
+        )
+        if model.moe is not None
+        else None
     )
     frag = memory.ALLOCATOR_FRAGMENTATION
     fixed = []
@@ -322,7 +376,10 @@ def build_rank_costs(
                 working = max(working - head_act, 0.0)
             extra += working * (1 + frag)
         if config.zero >= 3 and state.weights < dtype.nbytes:  # sharded weights (runtime.py)
-            extra += 2 * params.per_block * dtype.nbytes  # gathered weights: current + prefetch
+            gathered = params.per_block + (params.expert_per_block if expert_dp > 1 else 0)
+            extra += 2 * gathered * dtype.nbytes  # gathered weights: current + prefetch
+        if model.moe is not None:
+            extra += moe.transient_bytes(model, mb * seq, config.ep, dtype.nbytes, runtime.moe)
         if pp > 1:
             extra += memory.pipeline_buffer_bytes(
                 p2p_bytes, pp=pp, virtual_stages=v, num_micro_batches=m, pp_rank=r, rules=rules
@@ -338,12 +395,13 @@ def build_rank_costs(
         compute.rank_optimizer_times(
             profile, [device_names[i] for i in types[r]], tp=tp, distributed=opt_dist
         )
-        if profile is not None and use_profile
+        # the records are of dense blocks; an MoE rank's step is priced from bytes (moe.py)
+        if profile is not None and use_profile and model.moe is None
         else None
         for r in range(pp)
     )
     # ZeRO-0 on CPU workers at tp = 1: the unit's sync as the executor's replicate runs it
-    sync_measured = config.zero == 0 and tp == 1 and config.dp > 1
+    sync_measured = config.zero == 0 and tp == 1 and config.dp > 1 and model.moe is None
     dp_sync = tuple(
         compute.rank_dp_sync(profile, [device_names[i] for i in types[r]], group_size=config.dp)
         if profile is not None
@@ -385,6 +443,12 @@ def build_rank_costs(
         hbm_bytes_per_s=hbm,
         optimizer=opt_times,
         dp_sync=dp_sync,
+        expert_state=expert_state,
+        expert_dp=moe.expert_dp_links(
+            cluster, config, (constants.intra_link_efficiency, constants.network_efficiency)
+        )
+        if model.moe is not None and expert_dp > 1
+        else None,
         source=source,
         notes=tuple(dict.fromkeys(notes)),
     )
