@@ -174,7 +174,8 @@ def test_ep_groups_across_nodes_are_priced_on_the_nics() -> None:
     alternating = tuple(g for i in range(8) for g in (i, 8 + i))
     spread = ParallelConfig(tp=1, pp=1, dp=16, micro_batch=1, zero=1, ep=8, rank_to_gpu=alternating)
     across = estimate(model, training, cluster, spread).breakdown.ep_comm_s
-    assert across > 2 * inside > 0
+    # NICs 8 x 50 GB/s at 0.92 against NVLink 450 GB/s at 0.78: about 2x slower across nodes
+    assert across > 1.5 * inside > 0
 
 
 def test_moe_activation_bytes_by_hand() -> None:
@@ -354,7 +355,8 @@ def test_tp_completes_the_routing_gradient_with_one_all_reduce() -> None:
     cluster = presets.load_cluster("dgx-h100", 1)
     cfg = ParallelConfig(tp=2, pp=1, dp=4, micro_batch=1, zero=1, ep=4)
     rc = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS)
-    dense_ar = 2 * ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * H * 2, 450e9, 2e-6)
-    routing = ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * K * 2, 450e9, 2e-6)
+    bw = 450e9 * DEFAULT_CONSTANTS.intra_link_efficiency
+    dense_ar = 2 * ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * H * 2, bw, 2e-6)
+    routing = ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * K * 2, bw, 2e-6)
     assert rc.block[0].fwd_tp_s == pytest.approx(dense_ar)
     assert rc.block[0].bwd_tp_s == pytest.approx(dense_ar + routing)
