@@ -8,9 +8,11 @@ systems the analytic constants are calibrated on are other instances (`MEGATRON_
 Does not own: the formulas that price these rules (planner/cost/), or the executor (executor/),
 whose docstrings point here.
 
-The description has two parts: the data-parallel synchronisation rules (`RuntimeSemantics`)
-and the memory rules (`MemoryRules`: what a block saves for backward, which buffers stay
-resident), which planner/cost/memory.py prices.
+The description has three parts: the data-parallel synchronisation rules (`RuntimeSemantics`),
+the memory rules (`MemoryRules`: what a block saves for backward, which buffers stay
+resident), which planner/cost/memory.py prices, and the context-parallel rules
+(`ContextParallelRules`: which CP attention runs, what it keeps and overlaps), which
+planner/cost/cp.py prices.
 """
 
 from __future__ import annotations
@@ -128,6 +130,51 @@ MEGATRON_MEMORY = MemoryRules(
 )
 
 
+class CpAttention(str, Enum):
+    """How attention runs over a sequence split into cp load-balanced shards (planner/cost/cp.py).
+
+    ALL_GATHER_KV: every rank all-gathers K and V of the whole sequence, attends its own
+    queries, and reduce-scatters dK, dV in backward (Llama 3, Dubey et al. 2024 Sec. 3.3.2).
+    RING: K/V blocks travel around the CP ring, each step overlapped with the attention of the
+    block received before (Liu et al. 2023, Ring Attention; Brandon et al. 2023 for the
+    load-balanced causal layout). ULYSSES: all-to-alls swap the sequence shard for a head shard
+    before and after attention (Jacobs et al. 2023, DeepSpeed-Ulysses)."""
+
+    ALL_GATHER_KV = "all_gather_kv"
+    RING = "ring"
+    ULYSSES = "ulysses"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextParallelRules:
+    """What a runtime's context parallelism runs and keeps (executor/cp.py for the executor)."""
+
+    # The CP attention the runtime runs; the cost model prices this one and shows the others
+    # only for comparison.
+    attention: CpAttention
+    # The K/V all-gather (and the dK/dV reduce-scatter) is issued inside the attention core on
+    # the compute stream and waited for: no overlap with compute.
+    comm_overlapped: bool
+    # SDPA saves its K and V inputs for backward, which under all-gather are the gathered
+    # full-sequence K, V of the layer (without recompute: per layer and micro-batch).
+    saves_gathered_kv: bool
+    # The gather runs inside the attention core, which selective recompute checkpoints, so
+    # selective (and full) recompute gather again in backward and keep only the local K, V.
+    gather_in_core: bool
+    # Backward holds the gradient of the gathered K, V (full sequence, compute dtype) until its
+    # reduce-scatter: one layer's worth, transient.
+    kv_grad_transient: bool
+
+
+EXECUTOR_CP = ContextParallelRules(
+    attention=CpAttention.ALL_GATHER_KV,
+    comm_overlapped=False,
+    saves_gathered_kv=True,
+    gather_in_core=True,
+    kv_grad_transient=True,
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeSemantics:
     """The data-parallel rules of one runtime (see the module docstring)."""
@@ -153,6 +200,8 @@ class RuntimeSemantics:
     # gradients; executor/dp.py).
     zero1_runs_as_zero2: bool
     memory: MemoryRules
+    # Context parallelism (cp > 1); a runtime without it is priced as the executor runs it.
+    cp: ContextParallelRules = EXECUTOR_CP
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap_efficiency <= 1.0:

@@ -48,6 +48,8 @@ class TimeBreakdown:
     dp_comm_s: float
     bubble_s: float
     optimizer_s: float
+    # context-parallel collectives (planner/cost/cp.py); in the JSON only when cp > 1
+    cp_comm_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +119,8 @@ class Estimate:
                     "bubble_s",
                     "optimizer_s",
                 )
-            },
+            }
+            | ({"cp_comm_s": self.breakdown.cp_comm_s} if self.breakdown.cp_comm_s else {}),
             "memory_breakdown": mem(self.memory_breakdown),
             "stages": [
                 {
@@ -317,8 +320,8 @@ def estimate(
         n_params += rc.params.embedding if r == 0 else 0
         n_params += rc.params.head if r == last_rank else 0
         sync_in = _rank_sync_inputs(rc, config, training, split, r)
-        exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp > 1 else 0.0
-        shard = config.dp if config.zero >= 1 else 1
+        exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp_cp > 1 else 0.0
+        shard = config.dp_cp if config.zero >= 1 else 1
         opt = n_params / shard * touched_per_param / rc.hbm_bytes_per_s[r]
         measured_opt = rc.optimizer[r] if rc.optimizer else None
         if measured_opt is not None:  # profiled step (profiler/optimizer.py)
@@ -340,6 +343,7 @@ def estimate(
     busy = [0.0] * pp
     comp = [0.0] * pp
     tpc = [0.0] * pp
+    cpc = [0.0] * pp
     for k, n in enumerate(split):
         r = k % pp
         parts = [(n, rc.block[r])]
@@ -350,6 +354,7 @@ def estimate(
         for cnt, p in parts:
             comp[r] += cnt * (p.fwd_compute_s + p.bwd_compute_s)
             tpc[r] += cnt * (p.fwd_tp_s + p.bwd_tp_s)
+            cpc[r] += cnt * (p.fwd_cp_s + p.bwd_cp_s)
             busy[r] += cnt * p.total_s
     b = busy.index(max(busy))
 
@@ -364,6 +369,7 @@ def estimate(
         dp_comm_s=clean(tail - optimizer_s),
         bubble_s=clean(no_p2p - m * busy[b]),
         optimizer_s=optimizer_s,
+        cp_comm_s=m * cpc[b],
     )
 
     # memory per rank, from the SplitProblem so the ILP and the estimate agree exactly

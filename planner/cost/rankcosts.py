@@ -18,11 +18,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from planner.cost import analytic, compute, memory
+from planner.cost import cp as cpcost
 from planner.cost.analytic import AnalyticConstants, PassTimes
 from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
 from planner.parallel import MeshAxis, ParallelConfig
 from planner.profile import BlockKind, CollectiveOp, Profile
-from planner.runtime import EXECUTOR, RuntimeSemantics
+from planner.runtime import EXECUTOR, CpAttention, RuntimeSemantics
 from planner.specs import ClusterSpec, DeviceKind, GpuSpec, ModelSpec, TrainingSpec
 
 AR, AG, RS = CollectiveOp.ALL_REDUCE, CollectiveOp.ALL_GATHER, CollectiveOp.REDUCE_SCATTER
@@ -36,14 +37,17 @@ class PartTimes:
     bwd_compute_s: float
     fwd_tp_s: float
     bwd_tp_s: float
+    # context-parallel collectives of a block (planner/cost/cp.py), exposed seconds
+    fwd_cp_s: float = 0.0
+    bwd_cp_s: float = 0.0
 
     @property
     def fwd_s(self) -> float:
-        return self.fwd_compute_s + self.fwd_tp_s
+        return self.fwd_compute_s + self.fwd_tp_s + self.fwd_cp_s
 
     @property
     def bwd_s(self) -> float:
-        return self.bwd_compute_s + self.bwd_tp_s
+        return self.bwd_compute_s + self.bwd_tp_s + self.bwd_cp_s
 
     @property
     def total_s(self) -> float:
@@ -108,8 +112,10 @@ def build_rank_costs(
     runtime: RuntimeSemantics = EXECUTOR,
 ) -> RankCosts:
     config.validate(model, training, cluster)
-    pp, tp, v = config.pp, config.tp, config.virtual_stages
-    mb, seq, dtype = config.micro_batch, training.seq_len, training.dtype
+    pp, tp, v, cp = config.pp, config.tp, config.virtual_stages, config.cp
+    # with context parallelism a rank holds seq_len/cp tokens of each sequence; cp.py adds
+    # what the local view misses (attention over the whole sequence, CP collectives, K/V)
+    mb, seq, dtype = config.micro_batch, training.seq_len // cp, training.dtype
     sp, rc, flash = config.sequence_parallel, config.recompute.value, training.flash_attention
     m = config.num_micro_batches(training)
     notes: list[str] = []
@@ -118,7 +124,8 @@ def build_rank_costs(
     gpus: dict[int, GpuSpec] = {i: cluster.nodes[i].gpu for t in types for i in t}
 
     rules = runtime.memory
-    residual = rules.residual_bytes(dtype.nbytes, config.dp)
+    residual = rules.residual_bytes(dtype.nbytes, config.dp_cp)
+    cp_rules = runtime.cp
 
     def act(seq_par: bool, recompute: str) -> float:
         return memory.block_activation_bytes(
@@ -134,8 +141,20 @@ def build_rank_costs(
             rules=rules,
         )
 
-    block_act = act(sp, rc)
-    block_act_none = act(sp, "none")
+    def cp_kv(recompute: str) -> float:
+        return cpcost.saved_kv_bytes(
+            model,
+            micro_batch=mb,
+            seq_len=training.seq_len,
+            tp=tp,
+            cp=cp,
+            recompute=recompute,
+            dtype=dtype,
+            rules=cp_rules,
+        )
+
+    block_act = act(sp, rc) + cp_kv(rc)
+    block_act_none = act(sp, "none") + cp_kv("none")
 
     # --- compute per GPU type: measured when the profile covers it, else analytic
     use_profile = profile is not None and bool(profile.compute)
@@ -173,6 +192,19 @@ def build_rank_costs(
                 model, micro_batch=mb, seq_len=seq, tp=tp, gpu=gpu, dtype=dtype, c=constants
             ),
         }
+        if cp > 1:
+            cp_extra = cpcost.attention_extra_times(
+                model,
+                micro_batch=mb,
+                seq_len=training.seq_len,
+                tp=tp,
+                cp=cp,
+                recompute=rc,
+                flash_attention=flash,
+                gpu=gpu,
+                dtype=dtype,
+                c=constants,
+            )
         dev = device_names[i] if use_profile else None
         for key, kind in (
             ("block", BlockKind.TRANSFORMER_BLOCK),
@@ -199,11 +231,22 @@ def build_rank_costs(
                     )
                 continue
             analytic_parts[key] = PassTimes(forward_s=rec.forward_s, backward_s=rec.backward_s)
+            if key == "block" and cp > 1:
+                notes.append(
+                    f"block measured at seq_len/cp = {seq}; the attention over the whole "
+                    "sequence beyond it is analytic (planner/cost/cp.py)"
+                )
             (tp_timed if rec.tp_collectives_included else tp_plain).add(key)
             if rec.note:
                 notes.append(rec.note)
             if key == "block" and rec.activation_bytes is not None:
                 profiled_activations = True
+        if cp > 1:
+            b = analytic_parts["block"]
+            analytic_parts["block"] = PassTimes(
+                forward_s=b.forward_s + cp_extra.forward_s,
+                backward_s=b.backward_s + cp_extra.backward_s,
+            )
         parts[i] = analytic_parts
     source = "measured" if measured_blocks else "analytic"
     if measured_blocks and profiled_activations:
@@ -228,6 +271,9 @@ def build_rank_costs(
                 return t
         return ring_time_s(op, nbytes, tp_links[r])
 
+    cp_block = _cp_block_times(
+        model, training, config, arrays, profile, constants, runtime, gpus, notes
+    )
     blocks, emb, head = [], None, None
     last_rank = (pp * v - 1) % pp
     for r in range(pp):
@@ -244,6 +290,8 @@ def build_rank_costs(
                 bwd_compute_s=bt.backward_s,
                 fwd_tp_s=once,
                 bwd_tp_s=once * (2 if rc == "full" else 1),
+                fwd_cp_s=cp_block[r].forward_s,
+                bwd_cp_s=cp_block[r].backward_s,
             )
         )
         if r == 0:
@@ -303,9 +351,12 @@ def build_rank_costs(
     )
     params = memory.tp_rank_params(model, tp, config.num_chunks)
     state = memory.state_bytes_per_param(
-        dtype, training.grad_dtype, config.zero, config.dp, pipelined=pp > 1, rules=rules
+        dtype, training.grad_dtype, config.zero, config.dp_cp, pipelined=pp > 1, rules=rules
     )
     frag = memory.ALLOCATOR_FRAGMENTATION
+    kv_grad = cpcost.kv_grad_transient_bytes(
+        model, micro_batch=mb, seq_len=training.seq_len, tp=tp, cp=cp, dtype=dtype, rules=cp_rules
+    )
     fixed = []
     for r in range(pp):
         on_cpu = all(cluster.nodes[i].gpu.kind is DeviceKind.CPU for i in types[r])
@@ -317,6 +368,8 @@ def build_rank_costs(
             if r == pp - 1:
                 working = max(working - head_act, 0.0)
             extra += working * (1 + frag)
+        # one layer's gradient of the gathered K, V waits for its reduce-scatter (runtime.py)
+        extra += kv_grad * (1 + frag)
         if config.zero >= 3 and state.weights < dtype.nbytes:  # sharded weights (runtime.py)
             extra += 2 * params.per_block * dtype.nbytes  # gathered weights: current + prefetch
         if pp > 1:
@@ -329,7 +382,7 @@ def build_rank_costs(
     )
     hbm = tuple(min(cluster.nodes[i].gpu.hbm_bytes_per_s for i in types[r]) for r in range(pp))
     # DTensor parameters (FSDP2/replicate, TP) pay per-op dispatch in the optimizer step
-    opt_dist = config.dp > 1 or tp > 1
+    opt_dist = config.dp_cp > 1 or tp > 1
     opt_times = tuple(
         compute.rank_optimizer_times(
             profile, [device_names[i] for i in types[r]], tp=tp, distributed=opt_dist
@@ -339,9 +392,9 @@ def build_rank_costs(
         for r in range(pp)
     )
     # ZeRO-0 on CPU workers at tp = 1: the unit's sync as the executor's replicate runs it
-    sync_measured = config.zero == 0 and tp == 1 and config.dp > 1
+    sync_measured = config.zero == 0 and tp == 1 and config.dp_cp > 1
     dp_sync = tuple(
-        compute.rank_dp_sync(profile, [device_names[i] for i in types[r]], group_size=config.dp)
+        compute.rank_dp_sync(profile, [device_names[i] for i in types[r]], group_size=config.dp_cp)
         if profile is not None
         and use_profile
         and sync_measured
@@ -384,3 +437,85 @@ def build_rank_costs(
         source=source,
         notes=tuple(dict.fromkeys(notes)),
     )
+
+
+def _cp_block_times(
+    model: ModelSpec,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    arrays: ClusterArrays,
+    profile: Profile | None,
+    constants: AnalyticConstants,
+    runtime: RuntimeSemantics,
+    gpus: dict[int, GpuSpec],
+    notes: list[str],
+) -> tuple[PassTimes, ...]:
+    """CP collectives of one block per micro-batch, per pipeline rank, for the attention the
+    runtime runs (planner/cost/cp.py) on that rank's worst CP group link; a measured
+    all-gather / reduce-scatter fit replaces the link model for the all-gather attention."""
+    cp, pp, tp = config.cp, config.pp, config.tp
+    zero = analytic.PassTimes(forward_s=0.0, backward_s=0.0)
+    if cp == 1:
+        return (zero,) * pp
+    mb, seq, dtype, rc = (
+        config.micro_batch,
+        training.seq_len,
+        training.dtype,
+        config.recompute.value,
+    )
+    links = arrays.axis_links(MeshAxis.CP)
+    slowest = min(gpus.values(), key=lambda g: g.peak_flops(dtype))
+    attention = cpcost.rank_attention_times(
+        model,
+        micro_batch=mb,
+        seq_len=seq,
+        tp=tp,
+        cp=cp,
+        flash_attention=training.flash_attention,
+        gpu=slowest,
+        dtype=dtype,
+        c=constants,
+    )
+    out = []
+    for r in range(pp):
+        link = cpcost.CpLink(
+            size=cp,
+            bandwidth_bytes_per_s=links[r].bandwidth_bytes_per_s,
+            latency_s=links[r].latency_s,
+        )
+        times = {
+            kind: cpcost.block_comm_times(
+                kind,
+                model,
+                micro_batch=mb,
+                seq_len=seq,
+                tp=tp,
+                link=link,
+                recompute=rc,
+                dtype=dtype,
+                attention=attention,
+                rules=runtime.cp,
+            )
+            for kind in CpAttention
+        }
+        chosen = times[runtime.cp.attention]
+        assert chosen is not None  # the executor's all-gather runs for any head count
+        groups = arrays.cp_groups(r)
+        full_kv = cpcost.kv_bytes(model, mb, seq, tp, dtype)
+        ag = measured_collective_s(profile, AG, groups, full_kv)
+        rs = measured_collective_s(profile, RS, groups, full_kv)
+        if runtime.cp.attention is CpAttention.ALL_GATHER_KV and ag is not None and rs:
+            regather = rc != "none"
+            chosen = analytic.PassTimes(forward_s=ag, backward_s=rs + (ag if regather else 0.0))
+            notes.append("CP all-gather / reduce-scatter from the profile's measured fits")
+        if r == 0:
+            notes.append(
+                cpcost.describe(
+                    runtime.cp.attention,
+                    {**times, runtime.cp.attention: chosen},
+                    cp,
+                    config.num_micro_batches(training),
+                )
+            )
+        out.append(chosen)
+    return tuple(out)

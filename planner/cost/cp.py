@@ -1,0 +1,236 @@
+"""Context parallelism (cp > 1): attention FLOPs per rank, CP collectives and CP memory terms.
+
+Owns: the terms a sequence split over cp ranks adds to one transformer block, for the three CP
+attentions of `planner.runtime.CpAttention`:
+- the attention FLOPs of one rank in the load-balanced causal layout (rank c holds chunks c
+  and 2cp-1-c of 2cp), beyond what a block of seq_len/cp tokens already counts;
+- the CP communication per block and micro-batch: all-gather of K, V and reduce-scatter of
+  dK, dV (Llama 3, Dubey et al. 2024 Sec. 3.3.2), the ring's K/V blocks overlapped with the
+  block attention (Liu et al. 2023; load balancing: Brandon et al. 2023, Striped/zig-zag), and
+  Ulysses' all-to-alls (Jacobs et al. 2023, Sec. 3), each on the placed CP group's link through
+  planner/cost/collectives.py;
+- the memory the executor's CP attention keeps: the gathered K, V saved for backward and the
+  transient gradient of the gathered K, V (planner/runtime.py ContextParallelRules);
+- the choice of the attention priced for a plan (the one the runtime runs) and the sentence
+  that says so, with the others' times for comparison.
+Does not own: the block's local terms (analytic.py and memory.py price a block of seq_len/cp
+tokens; rankcosts.py calls them with that length), links (comm.py), the executor (executor/cp.py).
+
+Sliding-window attention is not priced: ModelSpec has no window field on this branch (every
+model is priced as full causal attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.cost.analytic import (
+    DEFAULT_CONSTANTS,
+    FLASH_BACKWARD_FACTOR,
+    AnalyticConstants,
+    PassTimes,
+    gemm_time_s,
+)
+from planner.cost.collectives import CollectiveOp, collective_s, message_s
+from planner.runtime import ContextParallelRules, CpAttention
+from planner.specs import Dtype, GpuSpec, ModelSpec
+
+
+def attention_square_flops(
+    model: ModelSpec, micro_batch: int, seq_len: int, tp: int, cp: int
+) -> float:
+    """Forward QK^T and AV FLOPs of one CP rank, in the full-square convention of
+    analytic.block_flops (a causal kernel executes half of them).
+
+    With chunks of n = S/(2cp) tokens, rank c's queries of chunk c see c*n + (causal n) keys and
+    those of chunk j = 2cp-1-c see j*n + (causal n): executed products n^2 (c + j + 1) = 2cp n^2,
+    the same on every rank, i.e. S^2 / (2cp) of the causal S^2 / 2. In the full-square
+    convention (2 x executed): 4 * b * S^2 * q_dim / (tp * cp)."""
+    return 4.0 * micro_batch * seq_len * seq_len * model.q_dim / (tp * cp)
+
+
+def attention_extra_times(
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    cp: int,
+    recompute: str,
+    flash_attention: bool,
+    gpu: GpuSpec,
+    dtype: Dtype,
+    c: AnalyticConstants = DEFAULT_CONSTANTS,
+) -> PassTimes:
+    """Attention time of one CP rank beyond a block of seq_len/cp tokens (whose local s^2 square
+    analytic.block_times counts), with block_times' own rules: a causal kernel executes half of
+    the square with flash attention, backward is FLASH_BACKWARD_FACTOR (flash) or 2 x the
+    forward, and full or selective recompute runs the attention forward again."""
+    if cp == 1:
+        return PassTimes(forward_s=0.0, backward_s=0.0)
+    half = 0.5 if flash_attention else 1.0
+    local = attention_square_flops(model, micro_batch, seq_len // cp, tp, 1) * half
+    rank = attention_square_flops(model, micro_batch, seq_len, tp, cp) * half
+    fwd = gemm_time_s(rank, gpu, dtype, c) - gemm_time_s(local, gpu, dtype, c)
+    bwd = (FLASH_BACKWARD_FACTOR if flash_attention else 2.0) * fwd
+    if recompute in ("full", "selective"):
+        bwd += fwd
+    return PassTimes(forward_s=fwd, backward_s=bwd)
+
+
+def rank_attention_times(
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    cp: int,
+    flash_attention: bool,
+    gpu: GpuSpec,
+    dtype: Dtype,
+    c: AnalyticConstants = DEFAULT_CONSTANTS,
+) -> PassTimes:
+    """The whole attention core of one CP rank (forward, backward without recompute): what a
+    ring step's transfer can hide behind, 1/cp of it per step."""
+    half = 0.5 if flash_attention else 1.0
+    fwd = gemm_time_s(
+        attention_square_flops(model, micro_batch, seq_len, tp, cp) * half, gpu, dtype, c
+    )
+    return PassTimes(
+        forward_s=fwd, backward_s=(FLASH_BACKWARD_FACTOR if flash_attention else 2.0) * fwd
+    )
+
+
+def kv_bytes(model: ModelSpec, micro_batch: int, seq_len: int, tp: int, dtype: Dtype) -> float:
+    """K and V of `seq_len` tokens of one micro-batch on one TP rank (kv_dim/tp each)."""
+    return 2.0 * micro_batch * seq_len * model.kv_dim / tp * dtype.nbytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpLink:
+    """The CP group's slowest link: group size, bandwidth (bytes/s), per-step latency (s)."""
+
+    size: int
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+
+def ulysses_fits(model: ModelSpec, tp: int, cp: int) -> bool:
+    """Ulysses gives each CP rank heads/(tp*cp) query heads and needs whole K/V heads too: cp
+    must divide the KV heads of a TP rank (Jacobs et al. 2023 Sec. 3.3: the degree is bounded
+    by the head count; GQA's KV heads bound it first)."""
+    return (model.kv_heads // tp) % cp == 0 and (model.heads // tp) % cp == 0
+
+
+def block_comm_times(
+    kind: CpAttention,
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    link: CpLink,
+    recompute: str,
+    dtype: Dtype,
+    attention: PassTimes,
+    rules: ContextParallelRules,
+) -> PassTimes | None:
+    """CP communication of one block and micro-batch on one rank (seconds exposed), or None
+    when `kind` cannot run this model (Ulysses with cp not dividing the KV heads).
+
+    All-gather: forward AG of the sequence's K, V (nccl-tests size: the gathered buffer);
+    backward RS of dK, dV of the same size, plus one more AG when recompute re-runs the core
+    (full, or selective with the gather inside the core); not overlapped unless the rules say.
+    Ring: cp-1 steps each sending one rank's K, V (S/cp tokens) to the next rank while the
+    attention of the block in hand runs (attention / cp per step): exposed
+    (cp-1) * max(0, message - attention/cp); backward sends K, V and dK, dV (2x bytes) per step.
+    Ulysses: forward an all-to-all of q, k, v (per-rank buffer: its tokens x (q+2kv)/tp) and
+    one of the output (q/tp); backward the same two for the gradients."""
+    cp = link.size
+    if cp == 1:
+        return PassTimes(forward_s=0.0, backward_s=0.0)
+    bw, lat = link.bandwidth_bytes_per_s, link.latency_s
+    regather = recompute == "full" or (recompute == "selective" and rules.gather_in_core)
+    full_kv = kv_bytes(model, micro_batch, seq_len, tp, dtype)
+    if kind is CpAttention.ALL_GATHER_KV:
+        ag = float(collective_s(CollectiveOp.ALL_GATHER, cp, full_kv, bw, lat))
+        rs = float(collective_s(CollectiveOp.REDUCE_SCATTER, cp, full_kv, bw, lat))
+        fwd, bwd = ag, rs + (ag if regather else 0.0)
+        if rules.comm_overlapped:
+            fwd = max(0.0, fwd - attention.forward_s)
+            bwd = max(0.0, bwd - attention.backward_s)
+        return PassTimes(forward_s=fwd, backward_s=bwd)
+    if kind is CpAttention.RING:
+        step = float(message_s(full_kv / cp, bw, lat))
+        step_bwd = float(message_s(2.0 * full_kv / cp, bw, lat))
+        fwd = (cp - 1) * max(0.0, step - attention.forward_s / cp)
+        bwd = (cp - 1) * max(0.0, step_bwd - attention.backward_s / cp)
+        return PassTimes(forward_s=fwd, backward_s=bwd + (fwd if recompute != "none" else 0.0))
+    if not ulysses_fits(model, tp, cp):
+        return None
+    local = micro_batch * (seq_len // cp) * dtype.nbytes / tp
+    a2a_in = float(
+        collective_s(CollectiveOp.ALL_TO_ALL, cp, local * (model.q_dim + 2 * model.kv_dim), bw, lat)
+    )
+    a2a_out = float(collective_s(CollectiveOp.ALL_TO_ALL, cp, local * model.q_dim, bw, lat))
+    fwd = a2a_in + a2a_out
+    return PassTimes(forward_s=fwd, backward_s=fwd + (fwd if recompute != "none" else 0.0))
+
+
+def saved_kv_bytes(
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    cp: int,
+    recompute: str,
+    dtype: Dtype,
+    rules: ContextParallelRules,
+) -> float:
+    """Bytes a block keeps for backward beyond a block of seq_len/cp tokens: SDPA saves the
+    gathered K, V (the whole sequence) instead of the local ones, unless recompute re-runs the
+    core that gathers them (full: only the block input is kept; selective with the gather in
+    the core: the local K, V are)."""
+    if cp == 1 or not rules.saves_gathered_kv or rules.attention is not CpAttention.ALL_GATHER_KV:
+        return 0.0
+    if recompute == "full" or (recompute == "selective" and rules.gather_in_core):
+        return 0.0
+    full = kv_bytes(model, micro_batch, seq_len, tp, dtype)
+    return full - full / cp
+
+
+def kv_grad_transient_bytes(
+    model: ModelSpec,
+    *,
+    micro_batch: int,
+    seq_len: int,
+    tp: int,
+    cp: int,
+    dtype: Dtype,
+    rules: ContextParallelRules,
+) -> float:
+    """The gradient of one layer's gathered K, V (whole sequence, compute dtype), alive in
+    backward until its reduce-scatter."""
+    if cp == 1 or not rules.kv_grad_transient or rules.attention is not CpAttention.ALL_GATHER_KV:
+        return 0.0
+    return kv_bytes(model, micro_batch, seq_len, tp, dtype)
+
+
+def describe(
+    chosen: CpAttention, times: dict[CpAttention, PassTimes | None], cp: int, micro_batches: int
+) -> str:
+    """The note a plan carries: the attention priced (the runtime's) and the others' CP time
+    per block and step for comparison."""
+
+    def per_step(t: PassTimes | None) -> str:
+        if t is None:
+            return "cannot run (cp must divide the KV heads per TP rank)"
+        return f"{1e3 * micro_batches * (t.forward_s + t.backward_s):.3g} ms per block per step"
+
+    others = ", ".join(f"{k.value} {per_step(v)}" for k, v in times.items() if k is not chosen)
+    return (
+        f"context parallelism cp={cp}: {chosen.value} attention (what the executor runs), "
+        f"load-balanced causal chunks (rank c holds chunks c and {2 * cp - 1}-c of {2 * cp}), "
+        f"{per_step(times[chosen])}; not run, for comparison: {others}"
+    )
