@@ -96,9 +96,10 @@ def _schedule_text(c: Any) -> str:
 
 def _table(result: Any) -> Table:
     table = Table(title="best configurations (fastest first)", box=box.SIMPLE_HEAD, pad_edge=False)
+    with_cp = any(p.config.cp > 1 for p in result.plans)
     for col in (
         "#",
-        "tp·pp·dp",
+        "tp·pp·dp·cp" if with_cp else "tp·pp·dp",
         "mb",
         "schedule",
         "recompute",
@@ -114,7 +115,7 @@ def _table(result: Any) -> Table:
         c, e = p.config, p.estimate
         table.add_row(
             str(i + 1),
-            f"{c.tp}·{c.pp}·{c.dp}",
+            f"{c.tp}·{c.pp}·{c.dp}" + (f"·{c.cp}" if with_cp else ""),
             str(c.micro_batch),
             _schedule_text(c),
             c.recompute.value,
@@ -167,17 +168,26 @@ def why_this_plan(result: Any) -> str:
     parts = {
         "pipeline bubble": bd.bubble_s,
         "tensor-parallel communication": bd.tp_comm_s,
+        "context-parallel communication": bd.cp_comm_s,
         "pipeline p2p communication": bd.pp_comm_s,
         "exposed data-parallel communication": bd.dp_comm_s,
         "the optimizer step": bd.optimizer_s,
     }
     name, worst = max(parts.items(), key=lambda kv: (kv[1], kv[0]))
+    cp = f" cp={c.cp}" if c.cp > 1 else ""
     text = [
-        f"tp={c.tp} pp={c.pp} dp={c.dp} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
+        f"tp={c.tp} pp={c.pp} dp={c.dp}{cp} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
         f"recompute {c.recompute.value}, ZeRO-{c.zero}) is predicted fastest at "
         f"{format_seconds(step)} per step ({100 * e.mfu:.1f} % MFU); compute is "
         f"{100 * bd.compute_s / step:.0f} % of the step."
     ]
+    if c.cp > 1:
+        text.append(
+            f"Each sequence is split over {c.cp} GPUs (context parallelism, load-balanced causal "
+            f"chunks: CP rank i holds chunks i and {2 * c.cp - 1}-i of {2 * c.cp}); attention "
+            "all-gathers K and V over the CP group, "
+            f"{100 * bd.cp_comm_s / step:.1f} % of the step."
+        )
     if worst / step >= MINOR_SHARE:
         text.append(f"Its main overhead is {name} ({100 * worst / step:.1f} % of the step).")
     else:
@@ -200,7 +210,8 @@ def why_this_plan(result: Any) -> str:
         gap = runner.estimate.step_time_s / step - 1
         rc = runner.config
         text.append(
-            f"The runner-up (tp={rc.tp} pp={rc.pp} dp={rc.dp} mb={rc.micro_batch} "
+            f"The runner-up (tp={rc.tp} pp={rc.pp} dp={rc.dp}"
+            f"{f' cp={rc.cp}' if rc.cp > 1 else ''} mb={rc.micro_batch} "
             f"{_schedule_text(rc)} recompute {rc.recompute.value} ZeRO-{rc.zero}) is "
             f"{100 * gap:.2f} % slower."
         )
@@ -233,7 +244,7 @@ def _render(result: Any, model: Any, cluster: Any) -> None:
     wide.print(_table(result))
     out.print(_split_table(best, model))
     out.print(why_this_plan(result))
-    for note in best.estimate.notes:
+    for note in (*result.notes, *best.estimate.notes):
         err_console().print(f"note: {note}")
 
 

@@ -25,7 +25,8 @@ MAX_TIMELINE_OPS = 400
 
 def config_label(c: Any) -> str:
     """Short stable name of a configuration, e.g. `tp1pp2dp1-mb2-full`."""
-    label = f"tp{c.tp}pp{c.pp}dp{c.dp}-mb{c.micro_batch}-{c.recompute.value}"
+    cp = f"cp{c.cp}" if c.cp > 1 else ""
+    label = f"tp{c.tp}pp{c.pp}dp{c.dp}{cp}-mb{c.micro_batch}-{c.recompute.value}"
     if c.schedule.value != "1f1b":
         label += f"-{c.schedule.value}" + (f"{c.virtual_stages}" if c.virtual_stages > 1 else "")
     if c.zero:

@@ -21,6 +21,8 @@ ALLOW_CHOICES: dict[str, str] = {
     "tp": "tensor parallelism across nodes (tp may be any divisor of the GPU count)",
     "zero": "ZeRO-2/3 together with pipeline parallelism",
     "gpipe": "the GPipe schedule (every micro-batch in flight)",
+    "cp": "context parallelism even when a plan fits without it (by default cp > 1 is "
+    "searched only when nothing fits with cp = 1)",
 }
 FIXABLE: tuple[str, ...] = (
     "tp",
@@ -32,6 +34,7 @@ FIXABLE: tuple[str, ...] = (
     "recompute",
     "sequence_parallel",
     "zero",
+    "cp",
 )
 
 RECOMPUTE_ORDER = {Recompute.NONE: 0, Recompute.SELECTIVE: 1, Recompute.FULL: 2}
@@ -147,6 +150,7 @@ def config_key(c: ParallelConfig) -> tuple[Any, ...]:
         RECOMPUTE_ORDER[c.recompute],
         c.sequence_parallel,
         c.zero,
+        c.cp,
     )
 
 
@@ -165,16 +169,21 @@ def enumerate_configs(
     out: list[ParallelConfig] = []
     reasons: list[str] = []
     tps = _divisors(world) if "tp" in allow else _divisors(gpn)
-    for tp in _pick(fix, "tp", tps):
+    for tp, cp in _tp_cp(fix, allow, tps, world, training):
         rule = model.tp_divisible(tp)
         if world % tp or rule:
             reasons.append(rule or f"tp={tp} must divide the GPU count {world}")
             continue
-        for pp in _pick(fix, "pp", [p for p in _divisors(world // tp) if p <= L]):
-            if (world // tp) % pp:
-                reasons.append(f"tp*pp={tp}*{pp} must divide the GPU count {world}")
+        if (world // tp) % cp:
+            reasons.append(f"tp*cp={tp}*{cp} must divide the GPU count {world}")
+            continue
+        rest = world // (tp * cp)
+        for pp in _pick(fix, "pp", [p for p in _divisors(rest) if p <= L]):
+            if rest % pp:
+                what = f"tp*pp={tp}*{pp}" if cp == 1 else f"tp*pp*cp={tp}*{pp}*{cp}"
+                reasons.append(f"{what} must divide the GPU count {world}")
                 continue
-            dp = world // (tp * pp)
+            dp = rest // pp
             if "dp" in fix and fix["dp"] != dp:
                 reasons.append(f"dp={fix['dp']} needs tp*pp = {world}/{fix['dp']}, not {tp}*{pp}")
                 continue
@@ -187,7 +196,7 @@ def enumerate_configs(
                         for sp in _pick(
                             fix, "sequence_parallel", [False, True] if tp > 1 else [False]
                         ):
-                            for zero in _pick(fix, "zero", _zeros(allow, pp, dp)):
+                            for zero in _pick(fix, "zero", _zeros(allow, pp, dp * cp)):
                                 try:
                                     cfg = ParallelConfig(
                                         tp=tp,
@@ -199,6 +208,7 @@ def enumerate_configs(
                                         recompute=recompute,
                                         sequence_parallel=sp,
                                         zero=zero,
+                                        cp=cp,
                                     )
                                     cfg.validate(model, training, cluster)
                                 except ConfigError as e:
@@ -206,6 +216,23 @@ def enumerate_configs(
                                     continue
                                 out.append(cfg)
     return out, reasons
+
+
+def _tp_cp(
+    fix: Mapping[str, Any],
+    allow: frozenset[str],
+    tps: list[int],
+    world: int,
+    training: TrainingSpec,
+) -> list[tuple[int, int]]:
+    """(tp, cp) pairs: with `allow cp`, cp over the divisors of GPUs/tp that the load-balanced
+    layout can cut the sequence into (seq_len divisible by 2*cp), 1 always; else cp = 1."""
+    out = []
+    for tp in _pick(fix, "tp", tps):
+        rest = world // tp if world % tp == 0 else 1
+        cps = [1] + [c for c in _divisors(rest) if c > 1 and training.seq_len % (2 * c) == 0]
+        out += [(tp, cp) for cp in _pick(fix, "cp", cps if "cp" in allow else [1])]
+    return out
 
 
 def _pick(fix: Mapping[str, Any], name: str, default: list[Any]) -> list[Any]:

@@ -1,0 +1,188 @@
+"""Context parallelism through the CLI and the cost model: a 2M-token Llama-3.1-8B fits only with cp.
+
+The model is a Llama-3.1-8B-shaped YAML file with max_seq_len 2,097,152 (meta-llama/Llama-3.1-8B
+config.json shape: 32 layers, hidden 4096, 32 heads, 8 KV heads, ffn 14336, vocab 128256).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from cli_helpers import one_error
+
+import presets
+from cli.main import main
+from planner.cost import cp as cpcost
+from planner.cost.comm import ClusterArrays
+from planner.cost.estimate import estimate
+from planner.parallel import MeshAxis, ParallelConfig
+from planner.plan import build_plan, plan_to_json
+from planner.runtime import EXECUTOR_CP, CpAttention
+from planner.specs import Dtype, TrainingSpec
+
+SEQ = 2_097_152
+LLAMA31_8B = """name: llama-3.1-8b-2m
+family: llama
+layers: 32
+hidden: 4096
+heads: 32
+kv_heads: 8
+ffn_hidden: 14336
+vocab: 128256
+max_seq_len: 2097152
+"""
+LONG = ["--global-batch", "8", "--seq-len", str(SEQ), "--tp", "8", "--pp", "1"]
+LONG += ["--micro-batch", "1", "--recompute", "full"]
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> str:
+    path = tmp_path / "llama31-8b-2m.yaml"
+    path.write_text(LLAMA31_8B)
+    return str(path)
+
+
+def _estimate(capsys: pytest.CaptureFixture[str], model: str, *args: str) -> tuple[int, dict]:
+    code = main(["estimate", "--model", model, "--cluster", "dgx-h100", *args])
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if out.strip() else {})
+
+
+def test_estimate_at_2m_tokens_fits_with_cp16_only(
+    model_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, doc = _estimate(
+        capsys, model_file, "--nodes", "16", *LONG, "--cp", "16", "--sequence-parallel", "--json"
+    )
+    assert code == 0 and doc["fits"], doc.get("peak_memory_bytes")
+    assert doc["config"]["cp"] == 16 and doc["breakdown"]["cp_comm_s"] > 0
+    assert any("all_gather_kv attention" in n for n in doc["notes"])
+    # the executor's own memory rules: without sequence parallelism the block inputs kept by
+    # full recompute (32 GiB) and the vocab-parallel loss (16 B per logit, 31 GiB) overflow 80 GB
+    code, doc = _estimate(capsys, model_file, "--nodes", "16", *LONG, "--cp", "16", "--json")
+    assert code == 3 and not doc["fits"]
+    # the same configuration without CP (one node: dp = 1) does not fit: exit 3
+    code, doc = _estimate(
+        capsys, model_file, "--nodes", "1", *LONG, "--cp", "1", "--sequence-parallel", "--json"
+    )
+    assert code == 3 and not doc["fits"]
+    assert "cp_comm_s" not in doc["breakdown"]
+
+
+def test_plan_at_2m_tokens_picks_context_parallelism(
+    model_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["plan", "--model", model_file, "--cluster", "dgx-h100", "--nodes", "16"]
+        + ["--global-batch", "8", "--seq-len", str(SEQ), "--json"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    plans = json.loads(captured.out)["plans"]
+    assert plans[0]["config"]["cp"] > 1
+    assert all(p["fits"] for p in plans)
+
+
+def test_cp_errors_are_one_line(model_file: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["estimate", "--model", model_file, "--cluster", "dgx-h100", "--nodes", "16"]
+        + ["--global-batch", "8", "--seq-len", "6000", "--tp", "8", "--pp", "1", "--cp", "16"]
+        + ["--micro-batch", "1"]
+    )
+    assert code == 2
+    one_error(capsys, "cp=16", "seq_len", "2*cp")
+    code = main(
+        ["plan", "--model", model_file, "--cluster", "dgx-h100", "--global-batch", "8"]
+        + ["--seq-len", "4096", "--fix", "cp=x"]
+    )
+    assert code == 2
+    one_error(capsys, "cp=x")
+
+
+def _llama(seq: int = 8192):  # noqa: ANN202
+    return replace(presets.load_model("llama3-8b"), max_seq_len=seq)
+
+
+def test_balanced_causal_attention_flops_are_1_over_cp_of_the_whole() -> None:
+    m = _llama()
+    whole = cpcost.attention_square_flops(m, 1, 8192, 1, 1)
+    for cp in (2, 4, 8):
+        assert cpcost.attention_square_flops(m, 1, 8192, 1, cp) == pytest.approx(whole / cp)
+
+
+def test_cp_memory_shrinks_activations_and_keeps_the_gathered_kv() -> None:
+    cluster = presets.load_cluster("dgx-h100", nodes=1)
+    m = _llama(65536)
+    t = TrainingSpec(global_batch=8, seq_len=65536, dtype=Dtype.BF16)
+    base = ParallelConfig(tp=1, pp=1, dp=8, micro_batch=1, zero=1)
+    one = estimate(m, t, cluster, base)
+    eight = estimate(m, t, cluster, replace(base, dp=1, cp=8))
+    act1, act8 = one.memory_breakdown.activations, eight.memory_breakdown.activations
+    # activations per GPU fall by about cp, less the gathered K, V each block keeps
+    kv = cpcost.kv_bytes(m, 1, 65536, 1, Dtype.BF16) * (1 - 1 / 8) * m.layers
+    assert act8 < act1 / 4
+    assert act8 > act1 / 8 + 0.9 * kv
+    assert eight.breakdown.cp_comm_s > 0 and one.breakdown.cp_comm_s == 0
+
+
+def test_cp_group_inside_a_node_uses_the_intra_link() -> None:
+    cluster = presets.load_cluster("dgx-h100", nodes=2)
+    inside = ClusterArrays(cluster, ParallelConfig(tp=2, pp=1, dp=2, cp=4, micro_batch=1), 1.0)
+    across = ClusterArrays(cluster, ParallelConfig(tp=8, pp=1, dp=1, cp=2, micro_batch=1), 1.0)
+    nvlink = cluster.nodes[0].intra_link.bandwidth_bytes_per_s
+    assert inside.axis_links(MeshAxis.CP)[0].bandwidth_bytes_per_s == nvlink
+    assert across.axis_links(MeshAxis.CP)[0].bandwidth_bytes_per_s < nvlink
+    # the CP group of mesh rank 0: GPUs 0, 2, 4, 6 (tp innermost, then cp)
+    assert inside.cp_groups(0)[0].tolist() == [0, 2, 4, 6]
+
+
+def test_ring_hides_behind_attention_and_ulysses_is_bounded_by_kv_heads() -> None:
+    m = _llama()
+    link = cpcost.CpLink(size=8, bandwidth_bytes_per_s=50e9, latency_s=5e-6)
+    slow = cpcost.PassTimes(forward_s=1.0, backward_s=2.5)
+    fast = cpcost.PassTimes(forward_s=1e-6, backward_s=2.5e-6)
+    kw = dict(micro_batch=1, seq_len=8192, tp=1, link=link, recompute="none", dtype=Dtype.BF16)
+    ring = CpAttention.RING
+    hidden = cpcost.block_comm_times(ring, m, attention=slow, rules=EXECUTOR_CP, **kw)
+    exposed = cpcost.block_comm_times(ring, m, attention=fast, rules=EXECUTOR_CP, **kw)
+    assert hidden is not None and exposed is not None
+    assert hidden.forward_s == 0 and exposed.forward_s > 0
+    ag = cpcost.block_comm_times(
+        CpAttention.ALL_GATHER_KV, m, attention=slow, rules=EXECUTOR_CP, **kw
+    )
+    assert ag is not None and ag.forward_s > 0  # the executor's gather is not overlapped
+    assert cpcost.ulysses_fits(m, 1, 8) and not cpcost.ulysses_fits(m, 2, 8)
+    assert (
+        cpcost.block_comm_times(
+            CpAttention.ULYSSES, m, attention=slow, rules=EXECUTOR_CP, **{**kw, "tp": 2}
+        )
+        is None
+    )
+
+
+def test_cp1_plan_bytes_have_no_cp_fields() -> None:
+    cluster = presets.load_cluster("dgx-h100", nodes=1)
+    m = _llama()
+    t = TrainingSpec(global_batch=8, seq_len=8192, dtype=Dtype.BF16)
+    one = build_plan(
+        model=m,
+        training=t,
+        cluster=cluster,
+        config=ParallelConfig(tp=8, pp=1, dp=1, micro_batch=1),
+        prediction={},
+        source="analytic",
+    )
+    assert '"cp"' not in plan_to_json(one)
+    two = build_plan(
+        model=m,
+        training=t,
+        cluster=cluster,
+        config=ParallelConfig(tp=4, pp=1, dp=1, cp=2, micro_batch=1),
+        prediction={},
+        source="analytic",
+    )
+    assert [(r.cp, r.tp) for r in two.ranks[:4]] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert two.ranks[4].cp == 1 and '"cp": 2' in plan_to_json(two)
