@@ -16,14 +16,25 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers the "fake" backend)
 from executor_shapes import GPT, LLAMA
 from test_executor_parallel import STEPS, _plan, _reference, _report, _spawn
+from test_memory_parity import _small
+from torch.distributed._tools.common_utils import get_untyped_storages
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import presets
-from executor.cp import ContextParallel
+from executor.activation_checkpoint import apply_ac
+from executor.cp import ContextParallel, apply_cp
+from executor.fake_dist import cuda_kernels
+from executor.model import Transformer
+from planner.cost import cp as cpcost
+from planner.cost import memory
 from planner.errors import ConfigError
 from planner.parallel import ParallelConfig
-from planner.specs import Dtype, TrainingSpec
+from planner.runtime import EXECUTOR_CP, EXECUTOR_MEMORY
+from planner.specs import Dtype, ModelSpec, NormKind, TrainingSpec
 
 
 def _cp(rank: int, size: int) -> ContextParallel:
@@ -52,6 +63,75 @@ def test_cp_validation_names_the_rule() -> None:
         ConfigError, match=r"tp\*pp\*dp\*cp must equal the cluster's GPU count: 1\*1\*1\*2 = 2 != 4"
     ):
         cfg.validate(LLAMA, replace(training, seq_len=16), _cluster(4))
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("name", ["llama3-8b", "gpt3-1.3b"])
+def test_cp_block_saved_bytes_equal_the_rules(name: str, recompute: str) -> None:
+    """A block under cp = 2 (rank 0 of a fake process group) keeps exactly what the memory rules
+    of a seq/cp block plus planner/cost/cp.py's gathered K, V say."""
+    spec = _small(name)
+    seq, cp, mb = 64, 2, 2
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cp)
+    try:
+        got = _cp_saved_bytes(spec, seq, cp, mb, recompute)
+    finally:
+        dist.destroy_process_group()
+    predicted = memory.block_activation_bytes(
+        spec,
+        micro_batch=mb,
+        seq_len=seq // cp,
+        tp=1,
+        sequence_parallel=False,
+        recompute=recompute,
+        flash_attention=True,
+        dtype=Dtype.BF16,
+        residual_bytes=2,
+        rules=EXECUTOR_MEMORY,
+    ) + cpcost.saved_extra_bytes(
+        spec,
+        micro_batch=mb,
+        seq_len=seq,
+        tp=1,
+        cp=cp,
+        recompute=recompute,
+        dtype=Dtype.BF16,
+        rules=EXECUTOR_CP,
+    )
+    # Not in the model: fp32 copies of the bf16 norm weights, as in tests/test_memory_parity.py,
+    # and on CPU the lower-right causal mask of the second query chunk, materialised as an
+    # [n, seq] bf16 bias on rank 0 (CUDA's flash and efficient kernels take it without materialising).
+    tensors_per_norm = 2 if spec.norm is NormKind.LAYERNORM else 1
+    constant = 0 if recompute == "full" else 2 * tensors_per_norm * 4 * spec.hidden
+    n = seq // (2 * cp)
+    mask = 2 * n * (2 * cp * n) if recompute == "none" else 0
+    assert got == predicted + constant + mask
+
+
+def _cp_saved_bytes(spec: ModelSpec, seq: int, cp: int, mb: int, recompute: str) -> int:
+    model = Transformer(spec, tie_embeddings=False)
+    model.embed, model.head = None, None
+    model = model.to(torch.bfloat16)
+    apply_cp(model, ContextParallel(group=dist.group.WORLD, size=cp, rank=0))
+    blk = model.layers["0"]
+    apply_ac(blk, recompute)
+    params = {s.data_ptr() for p in blk.parameters() for s in get_untyped_storages(p)}
+    x = torch.randn(mb, seq // cp, spec.hidden, dtype=torch.bfloat16, requires_grad=True)
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        for st in get_untyped_storages(t):
+            if st.data_ptr() not in params:
+                saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with (
+        cuda_kernels(),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        blk(x)
+    return sum(saved.values())
 
 
 @pytest.mark.slow

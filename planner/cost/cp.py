@@ -35,6 +35,10 @@ from planner.cost.collectives import CollectiveOp, collective_s, message_s
 from planner.runtime import ContextParallelRules, CpAttention
 from planner.specs import Dtype, GpuSpec, ModelSpec
 
+# Bytes per entry of the int64 index that puts the gathered K/V chunks in sequence order
+# (executor/cp.py `_sequence_order`, saved by index_select for its backward).
+INDEX_BYTES = 8
+
 
 def attention_square_flops(
     model: ModelSpec, micro_batch: int, seq_len: int, tp: int, cp: int
@@ -177,7 +181,7 @@ def block_comm_times(
     return PassTimes(forward_s=fwd, backward_s=fwd + (fwd if recompute != "none" else 0.0))
 
 
-def saved_kv_bytes(
+def saved_extra_bytes(
     model: ModelSpec,
     *,
     micro_batch: int,
@@ -188,16 +192,22 @@ def saved_kv_bytes(
     dtype: Dtype,
     rules: ContextParallelRules,
 ) -> float:
-    """Bytes a block keeps for backward beyond a block of seq_len/cp tokens: SDPA saves the
-    gathered K, V (the whole sequence) instead of the local ones, unless recompute re-runs the
-    core that gathers them (full: only the block input is kept; selective with the gather in
-    the core: the local K, V are)."""
+    """Bytes a block keeps for backward beyond a block of seq_len/cp tokens, as the executor's
+    all-gather attention runs (tests/test_executor_cp.py measures them):
+    - SDPA saves the gathered K, V (the whole sequence) instead of the local ones;
+    - the reorder of the gathered chunks into sequence order (index_select) keeps its int64
+      index of seq_len entries;
+    - the two query chunks run as two SDPA calls, whose outputs SDPA saves, and their
+      concatenation is a second copy (the output projection's input): q_dim/tp per token more.
+    Recompute that re-runs the core keeps none of it (full: only the block input is kept;
+    selective with the gather in the core: the local q, k, v and the core's output are)."""
     if cp == 1 or not rules.saves_gathered_kv or rules.attention is not CpAttention.ALL_GATHER_KV:
         return 0.0
     if recompute == "full" or (recompute == "selective" and rules.gather_in_core):
         return 0.0
     full = kv_bytes(model, micro_batch, seq_len, tp, dtype)
-    return full - full / cp
+    out_copy = micro_batch * (seq_len // cp) * model.q_dim / tp * dtype.nbytes
+    return full - full / cp + INDEX_BYTES * seq_len + out_copy
 
 
 def kv_grad_transient_bytes(

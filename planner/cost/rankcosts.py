@@ -142,7 +142,7 @@ def build_rank_costs(
         )
 
     def cp_kv(recompute: str) -> float:
-        return cpcost.saved_kv_bytes(
+        return cpcost.saved_extra_bytes(
             model,
             micro_batch=mb,
             seq_len=training.seq_len,
