@@ -7,6 +7,7 @@ config.json shape: 32 layers, hidden 4096, 32 heads, 8 KV heads, ffn 14336, voca
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,3 +187,65 @@ def test_cp1_plan_bytes_have_no_cp_fields() -> None:
     )
     assert [(r.cp, r.tp) for r in two.ranks[:4]] == [(0, 0), (0, 1), (0, 2), (0, 3)]
     assert two.ranks[4].cp == 1 and '"cp": 2' in plan_to_json(two)
+
+
+@pytest.mark.slow
+def test_quick_start_runs_a_cp2_plan(tmp_path: Path) -> None:
+    """tests/test_e2e_quickstart.py's flow (profile -> plan -> emit -> node0.sh) with cp = 2 on
+    two CPU workers: the plan prices the CP collectives from the profile and the loss falls."""
+    import os
+    import sys
+
+    from test_e2e_quickstart import _free_port, _meshplan
+
+    (tmp_path / "cluster.yaml").write_text("name: laptop\nnodes:\n  - {type: cpu-2}\n")
+    common = ["--model", "tiny-gpt", "--seq-len", "64"]
+    _meshplan(
+        "profile",
+        "--device",
+        "cpu",
+        "--nproc",
+        "2",
+        "--quick",
+        *common,
+        "--out",
+        "profile.json",
+        cwd=tmp_path,
+    )
+    r = _meshplan(
+        "plan",
+        *common,
+        "--cluster",
+        "cluster.yaml",
+        "--global-batch",
+        "8",
+        "--dtype",
+        "fp32",
+        "--profile",
+        "profile.json",
+        "--fix",
+        "cp=2",
+        "--out",
+        "plan.json",
+        "--emit",
+        "launch",
+        "--json",
+        cwd=tmp_path,
+    )
+    best = json.loads(r.stdout)["plans"][0]
+    assert best["config"]["cp"] == 2
+    assert any("from the profile's measured fits" in n for n in best["notes"]), best["notes"]
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MESHPLAN_RDZV_ENDPOINT": f"localhost:{_free_port()}"}
+    metrics = tmp_path / "m.jsonl"
+    run = subprocess.run(
+        ["bash", str(tmp_path / "launch" / "node0.sh"), "--steps", "10", "--metrics", str(metrics)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
