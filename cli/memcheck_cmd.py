@@ -122,6 +122,13 @@ def register(app: typer.Typer) -> None:
         from planner.plan import load_plan
 
         plan = load_plan(plan_path)
+        if plan.config.cp > 1:
+            # executor/cp.py's lower-right causal mask (a CausalBias tensor subclass) does not
+            # run under FakeTensorMode on torch 2.13; tests/test_executor_cp.py measures CP blocks
+            raise SpecError(
+                f"{plan_path}: memcheck does not run context-parallel plans yet (cp="
+                f"{plan.config.cp}); use a cp=1 plan"
+            )
         console = err_console()
         report = run_memcheck(
             plan,
