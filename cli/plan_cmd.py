@@ -87,6 +87,7 @@ def plan_json(result: Any, training: Any) -> dict[str, Any]:
         "pruned_by": dict(result.pruned_by),
         "search_complete": result.complete,
         "search_time_s": result.search_time_s,
+        **({"search_notes": list(result.notes)} if result.notes else {}),
     }
 
 

@@ -82,7 +82,9 @@ def test_plan_at_2m_tokens_picks_context_parallelism(
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
-    plans = json.loads(captured.out)["plans"]
+    doc = json.loads(captured.out)
+    assert any("context parallelism searched" in n for n in doc["search_notes"])
+    plans = doc["plans"]
     assert plans[0]["config"]["cp"] > 1
     assert all(p["fits"] for p in plans)
 
