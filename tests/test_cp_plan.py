@@ -251,3 +251,36 @@ def test_quick_start_runs_a_cp2_plan(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+
+
+def test_cp_collectives_come_from_the_profiles_fits() -> None:
+    """A profile's all-gather / reduce-scatter fits of the CP group price the CP collectives:
+    per block and micro-batch AG(K,V) forward, RS(dK,dV) backward (recompute none)."""
+    from cli_helpers import tiny_cpu_profile
+    from executor_shapes import LLAMA
+
+    from planner.profile import CollectiveOp, CollectiveRecord, LinkSample
+
+    def rec(op: CollectiveOp, alpha: float, beta: float) -> CollectiveRecord:
+        sample = LinkSample(bytes=1024, seconds=alpha + 1024 / beta)
+        return CollectiveRecord(
+            op=op,
+            gpu_ids=(0, 1),
+            layout="contiguous",
+            samples=(sample,),
+            alpha_s=alpha,
+            beta_bytes_per_s=beta,
+            busbw_bytes_per_s=beta / 2,
+        )
+
+    ag, rs = rec(CollectiveOp.ALL_GATHER, 1e-3, 1e8), rec(CollectiveOp.REDUCE_SCATTER, 2e-3, 5e7)
+    profile = replace(tiny_cpu_profile(2), collectives=(ag, rs))
+    cluster = presets.load_cluster("cpu-2")
+    t = TrainingSpec(global_batch=8, seq_len=16, dtype=Dtype.FP32)
+    cfg = ParallelConfig(tp=1, pp=1, dp=1, cp=2, micro_batch=2)
+    est = estimate(LLAMA, t, cluster, cfg, profile)
+    kv = cpcost.kv_bytes(LLAMA, 2, 16, 1, Dtype.FP32)
+    per_block = ag.time_s(kv) + rs.time_s(kv)
+    m = cfg.num_micro_batches(t)
+    assert est.breakdown.cp_comm_s == pytest.approx(m * LLAMA.layers * per_block)
+    assert any("measured fits" in n for n in est.notes)
