@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 
 class _GatherKV(torch.autograd.Function):
@@ -109,7 +110,10 @@ class ContextParallel:
         outs = []
         for half, chunk in enumerate(self.chunks()):
             end = (chunk + 1) * n  # queries of this chunk see keys [0, end), causally
-            mask = causal_lower_right(n, end)
+            # built outside any dispatch mode (memcheck's FakeTensorMode, its storage tracker):
+            # a Tensor subclass cannot wrap a tensor a mode has already given a Python object
+            with _disable_current_modes():
+                mask = causal_lower_right(n, end)
             outs.append(
                 F.scaled_dot_product_attention(
                     q[:, :, half * n : (half + 1) * n],

@@ -161,9 +161,15 @@ class ContextParallelRules:
     # The gather runs inside the attention core, which selective recompute checkpoints, so
     # selective (and full) recompute gather again in backward and keep only the local K, V.
     gather_in_core: bool
-    # Backward holds the gradient of the gathered K, V (full sequence, compute dtype) until its
-    # reduce-scatter: one layer's worth, transient.
-    kv_grad_transient: bool
+    # Backward holds gradients of the gathered K, V (whole sequence, compute dtype) until the
+    # reduce-scatter, one layer at a time: this many copies of that layer's K, V bytes at the
+    # peak. An estimate from the autograd graph of executor/cp.py, not a measurement: the two
+    # SDPA calls' dK, dV reach the gathered tensor through slice/select backward (each a full
+    # zero-filled buffer, accumulated in place into a second), the reorder's backward writes a
+    # third, and the collective's input is made contiguous: about 2.5 copies alive at once.
+    # (On CPU the lower-right mask is materialised and SDPA's math backward adds quadratic
+    # temporaries, so a CPU run cannot isolate the CUDA figure.)
+    kv_grad_copies: float
 
 
 EXECUTOR_CP = ContextParallelRules(
@@ -171,7 +177,7 @@ EXECUTOR_CP = ContextParallelRules(
     comm_overlapped=False,
     saves_gathered_kv=True,
     gather_in_core=True,
-    kv_grad_transient=True,
+    kv_grad_copies=2.5,
 )
 
 

@@ -220,11 +220,11 @@ def kv_grad_transient_bytes(
     dtype: Dtype,
     rules: ContextParallelRules,
 ) -> float:
-    """The gradient of one layer's gathered K, V (whole sequence, compute dtype), alive in
-    backward until its reduce-scatter."""
-    if cp == 1 or not rules.kv_grad_transient or rules.attention is not CpAttention.ALL_GATHER_KV:
+    """Gradients of one layer's gathered K, V (whole sequence, compute dtype) alive in backward
+    until its reduce-scatter: `rules.kv_grad_copies` copies (an estimate, runtime.py)."""
+    if cp == 1 or rules.attention is not CpAttention.ALL_GATHER_KV:
         return 0.0
-    return kv_bytes(model, micro_batch, seq_len, tp, dtype)
+    return rules.kv_grad_copies * kv_bytes(model, micro_batch, seq_len, tp, dtype)
 
 
 def describe(
