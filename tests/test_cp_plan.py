@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import one_error
+from hypothesis import given
+from hypothesis import strategies as st
 
 import presets
 from cli.main import main
@@ -284,3 +286,26 @@ def test_cp_collectives_come_from_the_profiles_fits() -> None:
     m = cfg.num_micro_batches(t)
     assert est.breakdown.cp_comm_s == pytest.approx(m * LLAMA.layers * per_block)
     assert any("measured fits" in n for n in est.notes)
+
+
+@given(
+    st.sampled_from([1, 2, 4]),
+    st.sampled_from([1, 2]),
+    st.sampled_from([1, 3]),
+    st.sampled_from([1, 2, 4]),
+)
+def test_mesh_rank_and_coordinates_round_trip_with_cp(tp: int, pp: int, dp: int, cp: int) -> None:
+    cfg = ParallelConfig(tp=tp, pp=pp, dp=dp, cp=cp, micro_batch=1)
+    assert cfg.world_size == tp * pp * dp * cp
+    for r in range(cfg.world_size):
+        p, d, c, t = cfg.mesh_coord(r)
+        assert cfg.mesh_rank(p, d, c, t) == r
+        cp_group = cfg.group_gpus(MeshAxis.CP, r)
+        # tp innermost, then cp: a CP group is strided by tp inside a block of tp*cp ranks
+        assert cp_group == tuple(cfg.mesh_rank(p, d, i, t) for i in range(cp))
+        assert len(set(cfg.group_gpus(MeshAxis.DP, r)) & set(cp_group)) == 1
+    if cp == 1:  # the layout of plans written before cp existed
+        assert all(cfg.mesh_coord(r)[2] == 0 for r in range(cfg.world_size))
+        assert (
+            cfg.mesh_rank(pp - 1, dp - 1, 0, tp - 1) == (pp - 1) * dp * tp + (dp - 1) * tp + tp - 1
+        )
