@@ -159,6 +159,9 @@ def register(app: typer.Typer) -> None:
         cp: int = typer.Option(
             1, "--cp", help="Context-parallel degree (each sequence split over cp GPUs)."
         ),
+        cp_attention: str = typer.Option(
+            "all_gather_kv", "--cp-attention", help="all_gather_kv | ulysses (with --cp > 1)"
+        ),
         micro_batch: int = typer.Option(..., "--micro-batch", help="Sequences per micro-batch."),
         schedule: str = typer.Option("1f1b", "--schedule", help="1f1b | interleaved | gpipe"),
         virtual_stages: int = typer.Option(
@@ -186,6 +189,7 @@ def register(app: typer.Typer) -> None:
             pp=pp,
             dp=derive_dp(cluster_spec.num_gpus, tp, pp, dp, cp),
             cp=cp,
+            cp_attention=cp_attention,
             micro_batch=micro_batch,
             schedule=schedule,
             virtual_stages=virtual_stages,

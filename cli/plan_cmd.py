@@ -186,8 +186,12 @@ def why_this_plan(result: Any) -> str:
         text.append(
             f"Each sequence is split over {c.cp} GPUs (context parallelism, load-balanced causal "
             f"chunks: CP rank i holds chunks i and {2 * c.cp - 1}-i of {2 * c.cp}); attention "
-            "all-gathers K and V over the CP group, "
-            f"{100 * bd.cp_comm_s / step:.1f} % of the step."
+            + (
+                "swaps sequence for heads with all-to-alls (Ulysses), "
+                if c.cp_attention.value == "ulysses"
+                else "all-gathers K and V over the CP group, "
+            )
+            + f"{100 * bd.cp_comm_s / step:.1f} % of the step."
         )
     if worst / step >= MINOR_SHARE:
         text.append(f"Its main overhead is {name} ({100 * worst / step:.1f} % of the step).")

@@ -2,8 +2,8 @@
 
 Owns: `ContextParallel` (this rank's place in its CP group), the load-balanced causal sharding
 of a batch's sequence (`shard`), the global positions of the local tokens (RoPE and learned
-position tables read them), the all-gather-KV attention with its reduce-scatter backward
-(`attention`), and `apply_cp`, which hands the context to a model chunk's modules.
+position tables read them), the all-gather-KV attention with its reduce-scatter backward and
+the DeepSpeed-Ulysses attention (`attention`, as the plan's `cp_attention` says), and `apply_cp`, which hands the context to a model chunk's modules.
 Does not own: the mesh (mesh.py), gradient averaging over the dp*cp ranks (dp.py wraps the
 chunk over the flattened dp_cp mesh, so FSDP's mean reduction averages the per-shard token-mean
 losses, which equals the token mean over the whole sequence: every shard holds seq_len/cp
@@ -34,6 +34,28 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
 
+from planner.runtime import CpAttention
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single over dim 0 (equal chunks, one per rank); with equal splits the
+    exchange is its own inverse, so backward is the same all-to-all of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        x = x.contiguous()  # empty_like keeps a view's strides; the collective writes densely
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad, group=ctx.group)
+        return out, None
+
 
 class _GatherKV(torch.autograd.Function):
     """all_gather_into_tensor along dim 0 in forward; reduce_scatter_tensor (sum) of the
@@ -61,6 +83,7 @@ class ContextParallel:
     group: dist.ProcessGroup
     size: int
     rank: int
+    kind: CpAttention = CpAttention.ALL_GATHER_KV
 
     def chunks(self) -> tuple[int, int]:
         """The two sequence chunks (of 2*cp) this rank holds."""
@@ -99,6 +122,37 @@ class ContextParallel:
 
         q [mb, heads, s, d], k and v [mb, kv_heads, s, d] (s = seq_len/cp local tokens, RoPE
         applied at global positions); returns [mb, heads, s, d]."""
+        if self.kind is CpAttention.ULYSSES:
+            return self._ulysses(q, k, v)
+        return self._all_gather_kv(q, k, v)
+
+    def _to_heads(self, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """[mb, h, s, d] local tokens of all heads -> [mb, h/cp, S, d] all tokens (in sequence
+        order) of this rank's heads: one all-to-all, head group j to rank j."""
+        mb, h, s, d = x.shape
+        parts = x.reshape(mb, self.size, h // self.size, s, d).movedim(1, 0)
+        got = _AllToAll.apply(parts, self.group)  # [src rank, mb, h/cp, s, d]
+        return (
+            got.movedim(0, 2).reshape(mb, h // self.size, self.size * s, d).index_select(2, order)
+        )
+
+    def _ulysses(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed-Ulysses (Jacobs et al. 2023): all-to-alls swap the sequence shard for a
+        head shard, plain causal attention runs over the whole sequence, and one all-to-all
+        swaps back."""
+        mb, h, s, d = q.shape
+        order = self._sequence_order(s // 2, q.device)
+        q_all, k_all, v_all = (self._to_heads(t, order) for t in (q, k, v))
+        grouped = q_all.shape[1] != k_all.shape[1]
+        out = F.scaled_dot_product_attention(
+            q_all, k_all, v_all, is_causal=True, enable_gqa=grouped
+        )  # [mb, h/cp, S, d]
+        back = out.index_select(2, torch.argsort(order))  # [rank, local] order again
+        parts = back.reshape(mb, h // self.size, self.size, s, d).movedim(2, 0)
+        got = _AllToAll.apply(parts, self.group)  # [head group, mb, h/cp, s, d]
+        return got.movedim(0, 1).reshape(mb, h, s, d)
+
+    def _all_gather_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         mb, kv_heads, s, d = k.shape
         n = s // 2
         kv = torch.stack((k, v))  # [2, mb, kvh, s, d]: one collective for both

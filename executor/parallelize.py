@@ -56,9 +56,14 @@ class ParallelModel:
         return [p for m in self.modules for p in m.parameters()]
 
 
-def context_parallel(mesh: MeshInfo) -> ContextParallel:
-    """This rank's CP group (cp > 1)."""
-    return ContextParallel(group=mesh.group(MeshAxis.CP), size=mesh.cp, rank=mesh.cp_rank)
+def context_parallel(mesh: MeshInfo, plan: Plan) -> ContextParallel:
+    """This rank's CP group (cp > 1) and the plan's CP attention."""
+    return ContextParallel(
+        group=mesh.group(MeshAxis.CP),
+        size=mesh.cp,
+        rank=mesh.cp_rank,
+        kind=plan.config.cp_attention,
+    )
 
 
 def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> ParallelModel:
@@ -77,7 +82,7 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
         for block in model.layers.values():
             apply_ac(block, cfg.recompute)
         if cfg.cp > 1:
-            apply_cp(model, context_parallel(mesh))
+            apply_cp(model, context_parallel(mesh, plan))
         if cfg.dp_cp > 1:
             apply_dp(
                 model,

@@ -138,7 +138,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
     flops = model_flops_per_token(plan.model, t.seq_len) * tokens
     peak = cluster_peak_flops(plan)
     log = MetricsLog(opts.metrics_path, enabled=dist.get_rank() == 0)
-    cp = context_parallel(mesh) if plan.config.cp > 1 else None
+    cp = context_parallel(mesh, plan) if plan.config.cp > 1 else None
     losses: list[float] = []
     for step in range(start, opts.steps):
         inputs, targets = local_batch(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from planner.errors import ConfigError, SpecError
+from planner.runtime import EXECUTOR_CP, CpAttention
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 
@@ -94,6 +95,11 @@ class ParallelConfig:
     # tp); the load-balanced causal layout gives CP rank c the sequence chunks c and 2cp-1-c of
     # 2cp (planner/cost/cp.py, executor/cp.py).
     cp: int = field(default=1, metadata={"json_omit_default": True})
+    # How attention runs over the CP shards (planner/runtime.py CpAttention): one the executor
+    # runs (all_gather_kv, or ulysses when cp divides the heads and KV heads per TP rank).
+    cp_attention: CpAttention = field(
+        default=CpAttention.ALL_GATHER_KV, metadata={"json_omit_default": True}
+    )
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "micro_batch", "virtual_stages", "ep", "cp"):
@@ -102,6 +108,9 @@ class ParallelConfig:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         object.__setattr__(self, "schedule", _as_enum(Schedule, "schedule", self.schedule))
         object.__setattr__(self, "recompute", _as_enum(Recompute, "recompute", self.recompute))
+        object.__setattr__(
+            self, "cp_attention", _as_enum(CpAttention, "cp_attention", self.cp_attention)
+        )
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"zero={self.zero!r} is not allowed; use one of 0|1|2|3")
         if self.schedule is not Schedule.INTERLEAVED and self.virtual_stages != 1:
@@ -248,8 +257,23 @@ class ParallelConfig:
     def _validate_cp(self, model: ModelSpec, training: TrainingSpec) -> None:
         """Context parallelism's rules: the load-balanced layout cuts each sequence into 2*cp
         equal chunks, and sequence parallelism then shards a rank's 2 chunks over tp."""
+        kind = self.cp_attention
+        if kind not in EXECUTOR_CP.supported:
+            runs = "|".join(k.value for k in EXECUTOR_CP.supported)
+            raise ConfigError(
+                f"cp_attention={kind.value} is priced but not run by the executor; use {runs}"
+            )
         if self.cp == 1:
+            if kind is not CpAttention.ALL_GATHER_KV:
+                raise ConfigError(f"cp_attention={kind.value} needs cp > 1")
             return
+        if kind is CpAttention.ULYSSES and (
+            (model.heads // self.tp) % self.cp or (model.kv_heads // self.tp) % self.cp
+        ):
+            raise ConfigError(
+                f"cp_attention=ulysses needs cp={self.cp} to divide the heads and KV heads per "
+                f"TP rank ({model.heads}/{self.tp}, {model.kv_heads}/{self.tp}); use all_gather_kv"
+            )
         s = training.seq_len
         if s % (2 * self.cp):
             raise ConfigError(

@@ -320,7 +320,7 @@ def _insert(
 
 
 def _memory_family(c: ParallelConfig) -> tuple[Any, ...]:
-    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages, c.cp)
+    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages, c.cp, c.cp_attention)
 
 
 def needs_more_memory(heavy: ParallelConfig, light: ParallelConfig) -> bool:
@@ -437,7 +437,14 @@ class _CheapBounds:
     def of(self, cfg: ParallelConfig) -> float:
         if not self._shared or self._gpn % (cfg.tp * cfg.cp):
             return 0.0
-        key = (cfg.tp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.cp)
+        key = (
+            cfg.tp,
+            cfg.micro_batch,
+            cfg.recompute,
+            cfg.sequence_parallel,
+            cfg.cp,
+            cfg.cp_attention,
+        )
         if key not in self._times:
             p = self._split_problem(*self._args, cfg, None)
             self._times[key] = (p.block_time_s[0], p.embedding_time_s, p.head_time_s)
@@ -456,7 +463,8 @@ def describe_config(c: ParallelConfig) -> str:
     sched = c.schedule.value + (f"(v={c.virtual_stages})" if c.virtual_stages > 1 else "")
     sp = " sp" if c.sequence_parallel else ""
     return (
-        f"tp={c.tp} pp={c.pp} dp={c.dp}{f' cp={c.cp}' if c.cp > 1 else ''} "
+        f"tp={c.tp} pp={c.pp} dp={c.dp}"
+        f"{f' cp={c.cp} ({c.cp_attention.value})' if c.cp > 1 else ''} "
         f"micro_batch={c.micro_batch} {sched} "
         f"recompute={c.recompute.value} zero={c.zero}{sp}"
     )

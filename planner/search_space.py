@@ -15,6 +15,7 @@ from typing import Any
 
 from planner.errors import SpecError
 from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule
+from planner.runtime import EXECUTOR_CP, CpAttention
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 ALLOW_CHOICES: dict[str, str] = {
@@ -35,10 +36,12 @@ FIXABLE: tuple[str, ...] = (
     "sequence_parallel",
     "zero",
     "cp",
+    "cp_attention",
 )
 
 RECOMPUTE_ORDER = {Recompute.NONE: 0, Recompute.SELECTIVE: 1, Recompute.FULL: 2}
 SCHEDULE_ORDER = {Schedule.ONE_F_ONE_B: 0, Schedule.INTERLEAVED: 1, Schedule.GPIPE: 2}
+CP_ATTENTION_ORDER = {k: i for i, k in enumerate(CpAttention)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +107,8 @@ def _parse_fix_value(key: str, value: str) -> Any:
         return _enum_value(Schedule, key, value)
     if key == "recompute":
         return _enum_value(Recompute, key, value)
+    if key == "cp_attention":
+        return _enum_value(CpAttention, key, value)
     if key == "sequence_parallel":
         truth = {"true": True, "1": True, "yes": True, "on": True}
         falsity = {"false": False, "0": False, "no": False, "off": False}
@@ -151,6 +156,7 @@ def config_key(c: ParallelConfig) -> tuple[Any, ...]:
         c.sequence_parallel,
         c.zero,
         c.cp,
+        CP_ATTENTION_ORDER[c.cp_attention],
     )
 
 
@@ -169,7 +175,7 @@ def enumerate_configs(
     out: list[ParallelConfig] = []
     reasons: list[str] = []
     tps = _divisors(world) if "tp" in allow else _divisors(gpn)
-    for tp, cp in _tp_cp(fix, allow, tps, world, training):
+    for tp, cp, kind in _tp_cp(fix, allow, tps, world, model, training):
         rule = model.tp_divisible(tp)
         if world % tp or rule:
             reasons.append(rule or f"tp={tp} must divide the GPU count {world}")
@@ -209,6 +215,7 @@ def enumerate_configs(
                                         sequence_parallel=sp,
                                         zero=zero,
                                         cp=cp,
+                                        cp_attention=kind,
                                     )
                                     cfg.validate(model, training, cluster)
                                 except ConfigError as e:
@@ -223,16 +230,32 @@ def _tp_cp(
     allow: frozenset[str],
     tps: list[int],
     world: int,
+    model: ModelSpec,
     training: TrainingSpec,
-) -> list[tuple[int, int]]:
+) -> list[tuple[int, int, CpAttention]]:
     """(tp, cp) pairs: with `allow cp`, cp over the divisors of GPUs/tp that the load-balanced
     layout can cut the sequence into (seq_len divisible by 2*cp), 1 always; else cp = 1."""
     out = []
     for tp in _pick(fix, "tp", tps):
         rest = world // tp if world % tp == 0 else 1
         cps = [1] + [c for c in _divisors(rest) if c > 1 and training.seq_len % (2 * c) == 0]
-        out += [(tp, cp) for cp in _pick(fix, "cp", cps if "cp" in allow else [1])]
+        for cp in _pick(fix, "cp", cps if "cp" in allow else [1]):
+            for kind in _pick(fix, "cp_attention", _cp_attentions(model, tp, cp)):
+                out.append((tp, cp, kind))
     return out
+
+
+def _cp_attentions(model: ModelSpec, tp: int, cp: int) -> list[CpAttention]:
+    """The CP attentions the executor runs that fit this model at (tp, cp): all-gather always,
+    Ulysses when cp divides the heads and KV heads per TP rank."""
+    if cp == 1:
+        return [CpAttention.ALL_GATHER_KV]
+    return [
+        k
+        for k in EXECUTOR_CP.supported
+        if k is not CpAttention.ULYSSES
+        or ((model.heads // tp) % cp == 0 and (model.kv_heads // tp) % cp == 0)
+    ]
 
 
 def _pick(fix: Mapping[str, Any], name: str, default: list[Any]) -> list[Any]:

@@ -33,7 +33,7 @@ from planner.cost import cp as cpcost
 from planner.cost import memory
 from planner.errors import ConfigError
 from planner.parallel import ParallelConfig
-from planner.runtime import EXECUTOR_CP, EXECUTOR_MEMORY
+from planner.runtime import EXECUTOR_CP, EXECUTOR_MEMORY, CpAttention
 from planner.specs import Dtype, ModelSpec, NormKind, TrainingSpec
 
 
@@ -65,16 +65,17 @@ def test_cp_validation_names_the_rule() -> None:
         cfg.validate(LLAMA, replace(training, seq_len=16), _cluster(4))
 
 
+@pytest.mark.parametrize("kind", list(EXECUTOR_CP.supported))
 @pytest.mark.parametrize("recompute", ["none", "selective", "full"])
 @pytest.mark.parametrize("name", ["llama3-8b", "gpt3-1.3b"])
-def test_cp_block_saved_bytes_equal_the_rules(name: str, recompute: str) -> None:
+def test_cp_block_saved_bytes_equal_the_rules(name: str, recompute: str, kind: CpAttention) -> None:
     """A block under cp = 2 (rank 0 of a fake process group) keeps exactly what the memory rules
     of a seq/cp block plus planner/cost/cp.py's gathered K, V say."""
     spec = _small(name)
     seq, cp, mb = 64, 2, 2
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cp)
     try:
-        got = _cp_saved_bytes(spec, seq, cp, mb, recompute)
+        got = _cp_saved_bytes(spec, seq, cp, mb, recompute, kind)
     finally:
         dist.destroy_process_group()
     predicted = memory.block_activation_bytes(
@@ -97,6 +98,7 @@ def test_cp_block_saved_bytes_equal_the_rules(name: str, recompute: str) -> None
         recompute=recompute,
         dtype=Dtype.BF16,
         rules=EXECUTOR_CP,
+        kind=kind,
     )
     # Not in the model: fp32 copies of the bf16 norm weights, as in tests/test_memory_parity.py,
     # and on CPU the lower-right causal mask of the second query chunk, materialised as an
@@ -104,15 +106,17 @@ def test_cp_block_saved_bytes_equal_the_rules(name: str, recompute: str) -> None
     tensors_per_norm = 2 if spec.norm is NormKind.LAYERNORM else 1
     constant = 0 if recompute == "full" else 2 * tensors_per_norm * 4 * spec.hidden
     n = seq // (2 * cp)
-    mask = 2 * n * (2 * cp * n) if recompute == "none" else 0
+    mask = 2 * n * (2 * cp * n) if recompute == "none" and kind is CpAttention.ALL_GATHER_KV else 0
     assert got == predicted + constant + mask
 
 
-def _cp_saved_bytes(spec: ModelSpec, seq: int, cp: int, mb: int, recompute: str) -> int:
+def _cp_saved_bytes(
+    spec: ModelSpec, seq: int, cp: int, mb: int, recompute: str, kind: CpAttention
+) -> int:
     model = Transformer(spec, tie_embeddings=False)
     model.embed, model.head = None, None
     model = model.to(torch.bfloat16)
-    apply_cp(model, ContextParallel(group=dist.group.WORLD, size=cp, rank=0))
+    apply_cp(model, ContextParallel(group=dist.group.WORLD, size=cp, rank=0, kind=kind))
     blk = model.layers["0"]
     apply_ac(blk, recompute)
     params = {s.data_ptr() for p in blk.parameters() for s in get_untyped_storages(p)}
@@ -181,6 +185,37 @@ def test_cp_layouts_match_single_process(tmp_path: Path) -> None:
             "plan": _plan(tmp_path, "d", LLAMA, 4, tp=1, pp=2, dp=1, cp=2, micro_batch=2),
         },
         {
+            "name": "cp2-dp2-ulysses",
+            "plan": _plan(
+                tmp_path,
+                "u",
+                LLAMA,
+                4,
+                tp=1,
+                pp=1,
+                dp=2,
+                cp=2,
+                micro_batch=2,
+                cp_attention="ulysses",
+                recompute="selective",
+            ),
+        },
+        {
+            "name": "gpt-cp2-pp2-ulysses",
+            "plan": _plan(
+                tmp_path,
+                "v",
+                GPT,
+                4,
+                tp=1,
+                pp=2,
+                dp=1,
+                cp=2,
+                micro_batch=2,
+                cp_attention="ulysses",
+            ),
+        },
+        {
             "name": "gpt-cp2-dp2",
             "plan": _plan(tmp_path, "e", GPT, 4, tp=1, pp=1, dp=2, cp=2, micro_batch=2),
         },
@@ -198,7 +233,15 @@ def test_cp_layouts_match_single_process(tmp_path: Path) -> None:
     got = _spawn(4, cases, tmp_path)
     diffs = {
         name: _max_diff_any(got[name], ref_gpt if name.startswith("gpt") else ref_llama)
-        for name in ("cp2-dp2-selective", "cp2-tp2", "cp2-tp2-sp-full", "cp2-pp2", "gpt-cp2-dp2")
+        for name in (
+            "cp2-dp2-selective",
+            "cp2-tp2",
+            "cp2-tp2-sp-full",
+            "cp2-pp2",
+            "gpt-cp2-dp2",
+            "cp2-dp2-ulysses",
+            "gpt-cp2-pp2-ulysses",
+        )
     }
     diffs["save-cp2"] = _max_diff_any(got["save-cp2"], ref_llama)
     diffs["resume-cp1 (after cp2)"] = _max_diff_any(got["resume-cp1"], ref_llama[half:])

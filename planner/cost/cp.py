@@ -148,8 +148,7 @@ def block_comm_times(
     Ring: cp-1 steps each sending one rank's K, V (S/cp tokens) to the next rank while the
     attention of the block in hand runs (attention / cp per step): exposed
     (cp-1) * max(0, message - attention/cp); backward sends K, V and dK, dV (2x bytes) per step.
-    Ulysses: forward an all-to-all of q, k, v (per-rank buffer: its tokens x (q+2kv)/tp) and
-    one of the output (q/tp); backward the same two for the gradients."""
+    Ulysses: `ulysses_times` of the all-to-alls of q, k, v and the output."""
     cp = link.size
     if cp == 1:
         return PassTimes(forward_s=0.0, backward_s=0.0)
@@ -172,12 +171,26 @@ def block_comm_times(
         return PassTimes(forward_s=fwd, backward_s=bwd + (fwd if recompute != "none" else 0.0))
     if not ulysses_fits(model, tp, cp):
         return None
+    q, kv = ulysses_buffers(model, micro_batch, seq_len, tp, cp, dtype)
+    a2a_q = float(collective_s(CollectiveOp.ALL_TO_ALL, cp, q, bw, lat))
+    a2a_kv = float(collective_s(CollectiveOp.ALL_TO_ALL, cp, kv, bw, lat))
+    return ulysses_times(a2a_q, a2a_kv, recompute)
+
+
+def ulysses_buffers(
+    model: ModelSpec, micro_batch: int, seq_len: int, tp: int, cp: int, dtype: Dtype
+) -> tuple[float, float]:
+    """Per-rank all-to-all buffers (nccl-tests size: the send buffer) of Ulysses: the local
+    tokens of q (and of the output) and of k or v, on one TP rank."""
     local = micro_batch * (seq_len // cp) * dtype.nbytes / tp
-    a2a_in = float(
-        collective_s(CollectiveOp.ALL_TO_ALL, cp, local * (model.q_dim + 2 * model.kv_dim), bw, lat)
-    )
-    a2a_out = float(collective_s(CollectiveOp.ALL_TO_ALL, cp, local * model.q_dim, bw, lat))
-    fwd = a2a_in + a2a_out
+    return local * model.q_dim, local * model.kv_dim
+
+
+def ulysses_times(a2a_q_s: float, a2a_kv_s: float, recompute: str) -> PassTimes:
+    """The executor's Ulysses per block: forward one all-to-all each for q, k, v and one for
+    the output; backward the same four for the gradients, and the forward's again when
+    recompute re-runs the core."""
+    fwd = 2 * a2a_q_s + 2 * a2a_kv_s
     return PassTimes(forward_s=fwd, backward_s=fwd + (fwd if recompute != "none" else 0.0))
 
 
@@ -191,22 +204,28 @@ def saved_extra_bytes(
     recompute: str,
     dtype: Dtype,
     rules: ContextParallelRules,
+    kind: CpAttention = CpAttention.ALL_GATHER_KV,
 ) -> float:
     """Bytes a block keeps for backward beyond a block of seq_len/cp tokens, as the executor's
-    all-gather attention runs (tests/test_executor_cp.py measures them):
+    CP attention `kind` runs (tests/test_executor_cp.py measures them). All-gather:
     - SDPA saves the gathered K, V (the whole sequence) instead of the local ones;
     - the reorder of the gathered chunks into sequence order (index_select) keeps its int64
       index of seq_len entries;
     - the two query chunks run as two SDPA calls, whose outputs SDPA saves, and their
       concatenation is a second copy (the output projection's input): q_dim/tp per token more.
+    Ulysses: SDPA's head-sharded whole-sequence q, k, v, output and log-sum-exp hold the bytes
+    of the local ones; the reorders into and out of sequence order keep two int64 indices, and
+    the output after the all-to-all back is a second copy of the attention output.
     Recompute that re-runs the core keeps none of it (full: only the block input is kept;
-    selective with the gather in the core: the local q, k, v and the core's output are)."""
-    if cp == 1 or not rules.saves_gathered_kv or rules.attention is not CpAttention.ALL_GATHER_KV:
+    selective with the collectives in the core: the local q, k, v and the core's output are)."""
+    if cp == 1 or not rules.saves_gathered_kv:
         return 0.0
     if recompute == "full" or (recompute == "selective" and rules.gather_in_core):
         return 0.0
-    full = kv_bytes(model, micro_batch, seq_len, tp, dtype)
     out_copy = micro_batch * (seq_len // cp) * model.q_dim / tp * dtype.nbytes
+    if kind is CpAttention.ULYSSES:
+        return 2 * INDEX_BYTES * seq_len + out_copy
+    full = kv_bytes(model, micro_batch, seq_len, tp, dtype)
     return full - full / cp + INDEX_BYTES * seq_len + out_copy
 
 
@@ -219,10 +238,12 @@ def kv_grad_transient_bytes(
     cp: int,
     dtype: Dtype,
     rules: ContextParallelRules,
+    kind: CpAttention = CpAttention.ALL_GATHER_KV,
 ) -> float:
     """Gradients of one layer's gathered K, V (whole sequence, compute dtype) alive in backward
-    until its reduce-scatter: `rules.kv_grad_copies` copies (an estimate, runtime.py)."""
-    if cp == 1 or rules.attention is not CpAttention.ALL_GATHER_KV:
+    until its reduce-scatter: `rules.kv_grad_copies` copies (an estimate, runtime.py). Ulysses'
+    backward all-to-alls move local-sized buffers only: 0."""
+    if cp == 1 or kind is not CpAttention.ALL_GATHER_KV:
         return 0.0
     return rules.kv_grad_copies * kv_bytes(model, micro_batch, seq_len, tp, dtype)
 
@@ -240,7 +261,8 @@ def describe(
 
     others = ", ".join(f"{k.value} {per_step(v)}" for k, v in times.items() if k is not chosen)
     return (
-        f"context parallelism cp={cp}: {chosen.value} attention (what the executor runs), "
+        f"context parallelism cp={cp}: {chosen.value} attention (the plan's; the executor runs "
+        "it), "
         f"load-balanced causal chunks (rank c holds chunks c and {2 * cp - 1}-c of {2 * cp}), "
-        f"{per_step(times[chosen])}; not run, for comparison: {others}"
+        f"{per_step(times[chosen])}; for comparison: {others}"
     )

@@ -151,6 +151,7 @@ def build_rank_costs(
             recompute=recompute,
             dtype=dtype,
             rules=cp_rules,
+            kind=config.cp_attention,
         )
 
     block_act = act(sp, rc) + cp_kv(rc)
@@ -355,7 +356,14 @@ def build_rank_costs(
     )
     frag = memory.ALLOCATOR_FRAGMENTATION
     kv_grad = cpcost.kv_grad_transient_bytes(
-        model, micro_batch=mb, seq_len=training.seq_len, tp=tp, cp=cp, dtype=dtype, rules=cp_rules
+        model,
+        micro_batch=mb,
+        seq_len=training.seq_len,
+        tp=tp,
+        cp=cp,
+        dtype=dtype,
+        rules=cp_rules,
+        kind=config.cp_attention,
     )
     fixed = []
     for r in range(pp):
@@ -498,21 +506,28 @@ def _cp_block_times(
             )
             for kind in CpAttention
         }
-        chosen = times[runtime.cp.attention]
-        assert chosen is not None  # the executor's all-gather runs for any head count
+        kind = config.cp_attention
+        chosen = times[kind]
+        assert chosen is not None  # validate() refused a Ulysses plan whose heads do not split
         groups = arrays.cp_groups(r)
         full_kv = cpcost.kv_bytes(model, mb, seq, tp, dtype)
         ag = measured_collective_s(profile, AG, groups, full_kv)
         rs = measured_collective_s(profile, RS, groups, full_kv)
-        if runtime.cp.attention is CpAttention.ALL_GATHER_KV and ag is not None and rs:
+        if kind is CpAttention.ALL_GATHER_KV and ag is not None and rs:
             regather = rc != "none"
             chosen = analytic.PassTimes(forward_s=ag, backward_s=rs + (ag if regather else 0.0))
             notes.append("CP all-gather / reduce-scatter from the profile's measured fits")
+        q_bytes, kv_b = cpcost.ulysses_buffers(model, mb, seq, tp, cp, dtype)
+        a2a_q = measured_collective_s(profile, CollectiveOp.ALL_TO_ALL, groups, q_bytes)
+        a2a_kv = measured_collective_s(profile, CollectiveOp.ALL_TO_ALL, groups, kv_b)
+        if kind is CpAttention.ULYSSES and a2a_q is not None and a2a_kv is not None:
+            chosen = cpcost.ulysses_times(a2a_q, a2a_kv, rc)
+            notes.append("CP all-to-alls from the profile's measured fits")
         if r == 0:
             notes.append(
                 cpcost.describe(
-                    runtime.cp.attention,
-                    {**times, runtime.cp.attention: chosen},
+                    kind,
+                    {**times, kind: chosen},
                     cp,
                     config.num_micro_batches(training),
                 )
