@@ -309,3 +309,45 @@ def test_mesh_rank_and_coordinates_round_trip_with_cp(tp: int, pp: int, dp: int,
         assert (
             cfg.mesh_rank(pp - 1, dp - 1, 0, tp - 1) == (pp - 1) * dp * tp + (dp - 1) * tp + tp - 1
         )
+
+
+GPT_32K = """name: gpt-1.3b-32k
+family: gpt
+layers: 24
+hidden: 2048
+heads: 16
+ffn_hidden: 8192
+vocab: 51200
+max_seq_len: 32768
+"""
+
+
+def test_plan_picks_the_cheaper_cp_attention_the_executor_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With as many KV heads as heads (a GPT), Ulysses' all-to-alls move less than gathering K
+    and V, and the search picks it; Llama 3's 8 KV heads over tp 8 leave it nothing to split."""
+    model = tmp_path / "gpt.yaml"
+    model.write_text(GPT_32K)
+    args = ["--model", str(model), "--cluster", "dgx-h100", "--nodes", "1"]
+    args += ["--global-batch", "8", "--seq-len", "32768"]
+    cfg = ["--tp", "1", "--pp", "1", "--cp", "8", "--micro-batch", "1", "--zero", "1"]
+    comm = {}
+    for kind in ("all_gather_kv", "ulysses"):
+        assert main(["estimate", *args, *cfg, "--cp-attention", kind, "--json"]) == 0
+        comm[kind] = json.loads(capsys.readouterr().out)["breakdown"]["cp_comm_s"]
+    assert comm["ulysses"] < comm["all_gather_kv"]
+    assert main(["plan", *args, "--fix", "cp=8", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["plans"][0]
+    assert best["config"]["cp_attention"] == "ulysses"
+    # refused with one line: a variant the executor does not run, and Ulysses without heads
+    assert main(["estimate", *args, *cfg, "--cp-attention", "ring"]) == 2
+    one_error(capsys, "cp_attention=ring", "all_gather_kv|ulysses")
+    llama = ["--model", str(tmp_path / "l.yaml"), "--cluster", "dgx-h100", "--nodes", "2"]
+    (tmp_path / "l.yaml").write_text(LLAMA31_8B)
+    code = main(
+        ["estimate", *llama, "--global-batch", "8", "--seq-len", "8192", "--tp", "8", "--pp", "1"]
+        + ["--cp", "2", "--micro-batch", "1", "--cp-attention", "ulysses"]
+    )
+    assert code == 2
+    one_error(capsys, "cp_attention=ulysses", "KV heads")
