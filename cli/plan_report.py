@@ -243,7 +243,8 @@ def plan_sections(
     from planner.search_space import FIXABLE
 
     c = plan.config
-    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in FIXABLE]
+    shown = [f for f in FIXABLE if c.cp > 1 or f not in ("cp", "cp_attention")]
+    cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in shown]
     cfg_rows += [
         ["micro-batches", plan.num_micro_batches],
         ["source", estimate_json.get("source", "?")],
