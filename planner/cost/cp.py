@@ -11,8 +11,9 @@ attentions of `planner.runtime.CpAttention`:
   planner/cost/collectives.py;
 - the memory the executor's CP attention keeps: the gathered K, V saved for backward and the
   transient gradient of the gathered K, V (planner/runtime.py ContextParallelRules);
-- the choice of the attention priced for a plan (the one the runtime runs) and the sentence
-  that says so, with the others' times for comparison.
+- the CP collectives of each pipeline rank for the plan's attention (`rank_block_comm_times`,
+  measured fits when the profile has them) and the sentence that says which attention runs,
+  with the others' times for comparison.
 Does not own: the block's local terms (analytic.py and memory.py price a block of seq_len/cp
 tokens; rankcosts.py calls them with that length), links (comm.py), the executor (executor/cp.py).
 
@@ -32,8 +33,11 @@ from planner.cost.analytic import (
     gemm_time_s,
 )
 from planner.cost.collectives import CollectiveOp, collective_s, message_s
-from planner.runtime import ContextParallelRules, CpAttention
-from planner.specs import Dtype, GpuSpec, ModelSpec
+from planner.cost.comm import ClusterArrays, measured_collective_s
+from planner.parallel import MeshAxis, ParallelConfig
+from planner.profile import Profile
+from planner.runtime import ContextParallelRules, CpAttention, RuntimeSemantics
+from planner.specs import Dtype, GpuSpec, ModelSpec, TrainingSpec
 
 # Bytes per entry of the int64 index that puts the gathered K/V chunks in sequence order
 # (executor/cp.py `_sequence_order`, saved by index_select for its backward).
@@ -266,3 +270,93 @@ def describe(
         f"load-balanced causal chunks (rank c holds chunks c and {2 * cp - 1}-c of {2 * cp}), "
         f"{per_step(times[chosen])}; for comparison: {others}"
     )
+
+
+def rank_block_comm_times(
+    model: ModelSpec,
+    training: TrainingSpec,
+    config: ParallelConfig,
+    arrays: ClusterArrays,
+    profile: Profile | None,
+    constants: AnalyticConstants,
+    runtime: RuntimeSemantics,
+    gpus: dict[int, GpuSpec],
+    notes: list[str],
+) -> tuple[PassTimes, ...]:
+    """CP collectives of one block per micro-batch, per pipeline rank, for the plan's CP
+    attention on that rank's worst CP group link (rankcosts.py adds them to the block); the
+    profile's measured all-gather / reduce-scatter or all-to-all fits replace the link model
+    when it has them. Appends the plan's note (`describe`) to `notes`."""
+    cp, pp, tp = config.cp, config.pp, config.tp
+    zero = PassTimes(forward_s=0.0, backward_s=0.0)
+    if cp == 1:
+        return (zero,) * pp
+    mb, seq, dtype, rc = (
+        config.micro_batch,
+        training.seq_len,
+        training.dtype,
+        config.recompute.value,
+    )
+    links = arrays.axis_links(MeshAxis.CP)
+    slowest = min(gpus.values(), key=lambda g: g.peak_flops(dtype))
+    attention = rank_attention_times(
+        model,
+        micro_batch=mb,
+        seq_len=seq,
+        tp=tp,
+        cp=cp,
+        flash_attention=training.flash_attention,
+        gpu=slowest,
+        dtype=dtype,
+        c=constants,
+    )
+    out = []
+    for r in range(pp):
+        link = CpLink(
+            size=cp,
+            bandwidth_bytes_per_s=links[r].bandwidth_bytes_per_s,
+            latency_s=links[r].latency_s,
+        )
+        times = {
+            kind: block_comm_times(
+                kind,
+                model,
+                micro_batch=mb,
+                seq_len=seq,
+                tp=tp,
+                link=link,
+                recompute=rc,
+                dtype=dtype,
+                attention=attention,
+                rules=runtime.cp,
+            )
+            for kind in CpAttention
+        }
+        kind = config.cp_attention
+        chosen = times[kind]
+        assert chosen is not None  # validate() refused a Ulysses plan whose heads do not split
+        groups = arrays.cp_groups(r)
+        full_kv = kv_bytes(model, mb, seq, tp, dtype)
+        ag = measured_collective_s(profile, CollectiveOp.ALL_GATHER, groups, full_kv)
+        rs = measured_collective_s(profile, CollectiveOp.REDUCE_SCATTER, groups, full_kv)
+        if kind is CpAttention.ALL_GATHER_KV and ag is not None and rs:
+            regather = rc != "none"
+            chosen = PassTimes(forward_s=ag, backward_s=rs + (ag if regather else 0.0))
+            notes.append("CP all-gather / reduce-scatter from the profile's measured fits")
+        q_bytes, kv_b = ulysses_buffers(model, mb, seq, tp, cp, dtype)
+        a2a_q = measured_collective_s(profile, CollectiveOp.ALL_TO_ALL, groups, q_bytes)
+        a2a_kv = measured_collective_s(profile, CollectiveOp.ALL_TO_ALL, groups, kv_b)
+        if kind is CpAttention.ULYSSES and a2a_q is not None and a2a_kv is not None:
+            chosen = ulysses_times(a2a_q, a2a_kv, rc)
+            notes.append("CP all-to-alls from the profile's measured fits")
+        if r == 0:
+            notes.append(
+                describe(
+                    kind,
+                    {**times, kind: chosen},
+                    cp,
+                    config.num_micro_batches(training),
+                )
+            )
+        out.append(chosen)
+    return tuple(out)

@@ -23,7 +23,7 @@ from planner.cost.analytic import AnalyticConstants, PassTimes
 from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
 from planner.parallel import MeshAxis, ParallelConfig
 from planner.profile import BlockKind, CollectiveOp, Profile
-from planner.runtime import EXECUTOR, CpAttention, RuntimeSemantics
+from planner.runtime import EXECUTOR, RuntimeSemantics
 from planner.specs import ClusterSpec, DeviceKind, GpuSpec, ModelSpec, TrainingSpec
 
 AR, AG, RS = CollectiveOp.ALL_REDUCE, CollectiveOp.ALL_GATHER, CollectiveOp.REDUCE_SCATTER
@@ -272,7 +272,7 @@ def build_rank_costs(
                 return t
         return ring_time_s(op, nbytes, tp_links[r])
 
-    cp_block = _cp_block_times(
+    cp_block = cpcost.rank_block_comm_times(
         model, training, config, arrays, profile, constants, runtime, gpus, notes
     )
     blocks, emb, head = [], None, None
@@ -445,92 +445,3 @@ def build_rank_costs(
         source=source,
         notes=tuple(dict.fromkeys(notes)),
     )
-
-
-def _cp_block_times(
-    model: ModelSpec,
-    training: TrainingSpec,
-    config: ParallelConfig,
-    arrays: ClusterArrays,
-    profile: Profile | None,
-    constants: AnalyticConstants,
-    runtime: RuntimeSemantics,
-    gpus: dict[int, GpuSpec],
-    notes: list[str],
-) -> tuple[PassTimes, ...]:
-    """CP collectives of one block per micro-batch, per pipeline rank, for the attention the
-    runtime runs (planner/cost/cp.py) on that rank's worst CP group link; a measured
-    all-gather / reduce-scatter fit replaces the link model for the all-gather attention."""
-    cp, pp, tp = config.cp, config.pp, config.tp
-    zero = analytic.PassTimes(forward_s=0.0, backward_s=0.0)
-    if cp == 1:
-        return (zero,) * pp
-    mb, seq, dtype, rc = (
-        config.micro_batch,
-        training.seq_len,
-        training.dtype,
-        config.recompute.value,
-    )
-    links = arrays.axis_links(MeshAxis.CP)
-    slowest = min(gpus.values(), key=lambda g: g.peak_flops(dtype))
-    attention = cpcost.rank_attention_times(
-        model,
-        micro_batch=mb,
-        seq_len=seq,
-        tp=tp,
-        cp=cp,
-        flash_attention=training.flash_attention,
-        gpu=slowest,
-        dtype=dtype,
-        c=constants,
-    )
-    out = []
-    for r in range(pp):
-        link = cpcost.CpLink(
-            size=cp,
-            bandwidth_bytes_per_s=links[r].bandwidth_bytes_per_s,
-            latency_s=links[r].latency_s,
-        )
-        times = {
-            kind: cpcost.block_comm_times(
-                kind,
-                model,
-                micro_batch=mb,
-                seq_len=seq,
-                tp=tp,
-                link=link,
-                recompute=rc,
-                dtype=dtype,
-                attention=attention,
-                rules=runtime.cp,
-            )
-            for kind in CpAttention
-        }
-        kind = config.cp_attention
-        chosen = times[kind]
-        assert chosen is not None  # validate() refused a Ulysses plan whose heads do not split
-        groups = arrays.cp_groups(r)
-        full_kv = cpcost.kv_bytes(model, mb, seq, tp, dtype)
-        ag = measured_collective_s(profile, AG, groups, full_kv)
-        rs = measured_collective_s(profile, RS, groups, full_kv)
-        if kind is CpAttention.ALL_GATHER_KV and ag is not None and rs:
-            regather = rc != "none"
-            chosen = analytic.PassTimes(forward_s=ag, backward_s=rs + (ag if regather else 0.0))
-            notes.append("CP all-gather / reduce-scatter from the profile's measured fits")
-        q_bytes, kv_b = cpcost.ulysses_buffers(model, mb, seq, tp, cp, dtype)
-        a2a_q = measured_collective_s(profile, CollectiveOp.ALL_TO_ALL, groups, q_bytes)
-        a2a_kv = measured_collective_s(profile, CollectiveOp.ALL_TO_ALL, groups, kv_b)
-        if kind is CpAttention.ULYSSES and a2a_q is not None and a2a_kv is not None:
-            chosen = cpcost.ulysses_times(a2a_q, a2a_kv, rc)
-            notes.append("CP all-to-alls from the profile's measured fits")
-        if r == 0:
-            notes.append(
-                cpcost.describe(
-                    kind,
-                    {**times, kind: chosen},
-                    cp,
-                    config.num_micro_batches(training),
-                )
-            )
-        out.append(chosen)
-    return tuple(out)
