@@ -37,25 +37,27 @@ from cli.common import (
 from planner.errors import ConfigError
 
 
-def derive_dp(num_gpus: int, tp: int, pp: int, dp: int | None) -> int:
-    """`--dp` or GPUs / (tp * pp); an error naming the arithmetic when it does not divide."""
-    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp)):
+def derive_dp(num_gpus: int, tp: int, pp: int, dp: int | None, cp: int = 1) -> int:
+    """`--dp` or GPUs / (tp * pp * cp); an error naming the arithmetic when it does not divide."""
+    for flag, value in (("--tp", tp), ("--pp", pp), ("--dp", dp), ("--cp", cp)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be a positive integer (>= 1)")
     if dp is not None:
         return dp
-    if num_gpus % (tp * pp):
+    names, values = ("tp*pp", f"{tp}*{pp}") if cp == 1 else ("tp*pp*cp", f"{tp}*{pp}*{cp}")
+    if num_gpus % (tp * pp * cp):
         raise ConfigError(
-            f"tp*pp must divide the cluster's GPU count to derive dp: {num_gpus} % ({tp}*{pp}) = "
-            f"{num_gpus % (tp * pp)}"
+            f"{names} must divide the cluster's GPU count to derive dp: {num_gpus} % ({values}) = "
+            f"{num_gpus % (tp * pp * cp)}"
         )
-    return num_gpus // (tp * pp)
+    return num_gpus // (tp * pp * cp)
 
 
 def _header(model: Any, cluster: Any, config: Any, training: Any) -> str:
     return (
         f"{model.name} on {cluster.name} ({cluster.num_gpus} GPUs): tp={config.tp} "
-        f"pp={config.pp} dp={config.dp} micro_batch={config.micro_batch} "
+        f"pp={config.pp} dp={config.dp}{f' cp={config.cp}' if config.cp > 1 else ''} "
+        f"micro_batch={config.micro_batch} "
         f"micro-batches={config.num_micro_batches(training)} schedule={config.schedule.value}"
         f"{f' v={config.virtual_stages}' if config.virtual_stages > 1 else ''} "
         f"recompute={config.recompute.value} sp={'on' if config.sequence_parallel else 'off'} "
@@ -89,6 +91,8 @@ def _render(est: Any, header: str) -> None:
     names = ["compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "optimizer_s"]
     if est.breakdown.ep_comm_s:  # MoE dispatch + combine all-to-all (planner/cost/moe.py)
         names.insert(2, "ep_comm_s")
+    if est.breakdown.cp_comm_s:
+        names.insert(2, "cp_comm_s")
     for name in names:
         value = getattr(est.breakdown, name)
         bd.add_row(name[:-2], format_seconds(value), f"{100 * value / est.step_time_s:.1f} %")
@@ -153,7 +157,15 @@ def register(app: typer.Typer) -> None:
         seq_len: int = SEQ_LEN_OPTION,
         tp: int = typer.Option(..., "--tp", help="Tensor-parallel degree."),
         pp: int = typer.Option(..., "--pp", help="Pipeline-parallel degree."),
-        dp: int = typer.Option(None, "--dp", help="Data-parallel degree (default: GPUs/(tp*pp))."),
+        dp: int = typer.Option(
+            None, "--dp", help="Data-parallel degree (default: GPUs/(tp*pp*cp))."
+        ),
+        cp: int = typer.Option(
+            1, "--cp", help="Context-parallel degree (each sequence split over cp GPUs)."
+        ),
+        cp_attention: str = typer.Option(
+            "all_gather_kv", "--cp-attention", help="all_gather_kv | ulysses (with --cp > 1)"
+        ),
         micro_batch: int = typer.Option(..., "--micro-batch", help="Sequences per micro-batch."),
         schedule: str = typer.Option("1f1b", "--schedule", help="1f1b | interleaved | gpipe"),
         virtual_stages: int = typer.Option(
@@ -201,7 +213,9 @@ def register(app: typer.Typer) -> None:
         config = ParallelConfig(
             tp=tp,
             pp=pp,
-            dp=derive_dp(cluster_spec.num_gpus, tp, pp, dp),
+            dp=derive_dp(cluster_spec.num_gpus, tp, pp, dp, cp),
+            cp=cp,
+            cp_attention=cp_attention,
             micro_batch=micro_batch,
             schedule=schedule,
             virtual_stages=virtual_stages,

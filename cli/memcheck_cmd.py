@@ -122,6 +122,17 @@ def register(app: typer.Typer) -> None:
         from planner.plan import load_plan
 
         plan = load_plan(plan_path)
+        if plan.config.cp > 1:
+            # memcheck runs CPU kernels: there executor/cp.py's lower-right causal bias is
+            # materialised and SDPA's math path keeps the attention weights (quadratic), unlike
+            # CUDA's flash/efficient kernels, so its peak would not be the GPU's (measured: 183
+            # GB vs 68 GB predicted on an 8-GPU cp=4 plan). tests/test_executor_cp.py measures CP
+            # blocks instead.
+            raise SpecError(
+                f"{plan_path}: memcheck does not run context-parallel plans (cp="
+                f"{plan.config.cp}): on CPU kernels the CP attention's causal mask is "
+                "materialised, which a GPU does not do; use a cp=1 plan"
+            )
         console = err_console()
         report = run_memcheck(
             plan,

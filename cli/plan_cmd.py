@@ -94,6 +94,7 @@ def plan_json(result: Any, training: Any) -> dict[str, Any]:
         "pruned_by": dict(result.pruned_by),
         "search_complete": result.complete,
         "search_time_s": result.search_time_s,
+        **({"search_notes": list(result.notes)} if result.notes else {}),
     }
 
 
@@ -109,9 +110,11 @@ def _table(result: Any) -> Table:
     table = Table(title="best configurations (fastest first)", box=box.SIMPLE_HEAD, pad_edge=False)
     # MoE plans: the expert-parallel degree and the all-to-all share of the step
     moe = any(p.config.ep > 1 or p.estimate.breakdown.ep_comm_s for p in result.plans)
+    with_cp = any(p.config.cp > 1 for p in result.plans)
+    degrees = "tp·pp·dp" + ("·ep" if moe else "") + ("·cp" if with_cp else "")
     for col in (
         "#",
-        "tp·pp·dp·ep" if moe else "tp·pp·dp",
+        degrees,
         "mb",
         "schedule",
         "recompute",
@@ -128,7 +131,7 @@ def _table(result: Any) -> Table:
         c, e = p.config, p.estimate
         table.add_row(
             str(i + 1),
-            _degrees(c, moe),
+            _degrees(c, moe) + (f"·{c.cp}" if with_cp else ""),
             str(c.micro_batch),
             _schedule_text(c),
             c.recompute.value,
@@ -183,18 +186,31 @@ def why_this_plan(result: Any) -> str:
         "pipeline bubble": bd.bubble_s,
         "tensor-parallel communication": bd.tp_comm_s,
         "expert-parallel all-to-all": bd.ep_comm_s,
+        "context-parallel communication": bd.cp_comm_s,
         "pipeline p2p communication": bd.pp_comm_s,
         "exposed data-parallel communication": bd.dp_comm_s,
         "the optimizer step": bd.optimizer_s,
     }
     name, worst = max(parts.items(), key=lambda kv: (kv[1], kv[0]))
     ep = f" ep={c.ep}" if c.ep > 1 else ""
+    cp = f" cp={c.cp}" if c.cp > 1 else ""
     text = [
-        f"tp={c.tp} pp={c.pp} dp={c.dp}{ep} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
+        f"tp={c.tp} pp={c.pp} dp={c.dp}{ep}{cp} (micro-batch {c.micro_batch}, {_schedule_text(c)}, "
         f"recompute {c.recompute.value}, ZeRO-{c.zero}) is predicted fastest at "
         f"{format_seconds(step)} per step ({100 * e.mfu:.1f} % MFU); compute is "
         f"{100 * bd.compute_s / step:.0f} % of the step."
     ]
+    if c.cp > 1:
+        text.append(
+            f"Each sequence is split over {c.cp} GPUs (context parallelism, load-balanced causal "
+            f"chunks: CP rank i holds chunks i and {2 * c.cp - 1}-i of {2 * c.cp}); attention "
+            + (
+                "swaps sequence for heads with all-to-alls (Ulysses), "
+                if c.cp_attention.value == "ulysses"
+                else "all-gathers K and V over the CP group, "
+            )
+            + f"{100 * bd.cp_comm_s / step:.1f} % of the step."
+        )
     if worst / step >= MINOR_SHARE:
         text.append(f"Its main overhead is {name} ({100 * worst / step:.1f} % of the step).")
     else:
@@ -218,7 +234,8 @@ def why_this_plan(result: Any) -> str:
         rc = runner.config
         text.append(
             f"The runner-up (tp={rc.tp} pp={rc.pp} dp={rc.dp}"
-            f"{f' ep={rc.ep}' if rc.ep > 1 else ''} mb={rc.micro_batch} "
+            f"{f' ep={rc.ep}' if rc.ep > 1 else ''}{f' cp={rc.cp}' if rc.cp > 1 else ''} "
+            f"mb={rc.micro_batch} "
             f"{_schedule_text(rc)} recompute {rc.recompute.value} ZeRO-{rc.zero}) is "
             f"{100 * gap:.2f} % slower."
         )
@@ -251,7 +268,7 @@ def _render(result: Any, model: Any, cluster: Any) -> None:
     wide.print(_table(result))
     out.print(_split_table(best, model))
     out.print(why_this_plan(result))
-    for note in best.estimate.notes:
+    for note in (*result.notes, *best.estimate.notes):
         err_console().print(f"note: {note}")
 
 

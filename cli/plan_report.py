@@ -25,7 +25,8 @@ MAX_TIMELINE_OPS = 400
 
 def config_label(c: Any) -> str:
     """Short stable name of a configuration, e.g. `tp1pp2dp1-mb2-full`."""
-    label = f"tp{c.tp}pp{c.pp}dp{c.dp}-mb{c.micro_batch}-{c.recompute.value}"
+    cp = f"cp{c.cp}" if c.cp > 1 else ""
+    label = f"tp{c.tp}pp{c.pp}dp{c.dp}{cp}-mb{c.micro_batch}-{c.recompute.value}"
     if c.schedule.value != "1f1b":
         label += f"-{c.schedule.value}" + (f"{c.virtual_stages}" if c.virtual_stages > 1 else "")
     if c.zero:
@@ -250,7 +251,11 @@ def plan_sections(
     from planner.search_space import FIXABLE
 
     c = plan.config
-    shown = [f for f in FIXABLE if f != "ep" or c.ep > 1]  # ep only for expert-parallel plans
+    shown = [
+        f
+        for f in FIXABLE
+        if (f != "ep" or c.ep > 1) and (c.cp > 1 or f not in ("cp", "cp_attention"))
+    ]
     cfg_rows = [[f, getattr(getattr(c, f), "value", getattr(c, f))] for f in shown]
     cfg_rows += [
         ["micro-batches", plan.num_micro_batches],

@@ -121,9 +121,7 @@ def check_plan(plan: Plan) -> None:
     cfg = plan.config
     n = sum(node.gpus for node in plan.cluster.nodes)
     if cfg.world_size != n:
-        raise SpecError(
-            f"plan: tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.world_size} != the cluster's {n} GPUs"
-        )
+        raise SpecError(f"plan: {cfg.degrees_text()} = {cfg.world_size} != the cluster's {n} GPUs")
     per_node = plan.cluster.uniform_gpus_per_node
     if per_node is None:
         counts = sorted({node.gpus for node in plan.cluster.nodes})
@@ -167,7 +165,7 @@ class _Job:
     @property
     def layout(self) -> str:
         c = self.plan.config
-        return f"tp={c.tp} pp={c.pp} dp={c.dp}"
+        return f"tp={c.tp} pp={c.pp} dp={c.dp}" + (f" cp={c.cp}" if c.cp > 1 else "")
 
 
 def _job(plan: Plan, opts: EmitOptions, launch_dir: Path | None) -> _Job:
@@ -469,7 +467,7 @@ def readme(job: _Job) -> str:
     return f"""# Launch files for meshplan plan {job.pid}
 
 {plan.model.name} on {plan.cluster.num_gpus} {plan.cluster.nodes[0].gpu.name} devices ({job.nodes} node(s)): \
-tp={c.tp} pp={c.pp} dp={c.dp}, micro-batch {c.micro_batch}, {c.schedule.value}, recompute {c.recompute.value}, ZeRO {c.zero}.
+tp={c.tp} pp={c.pp} dp={c.dp}{f" cp={c.cp}" if c.cp > 1 else ""}, micro-batch {c.micro_batch}, {c.schedule.value}, recompute {c.recompute.value}, ZeRO {c.zero}.
 
 Pick one way to start it:
 

@@ -245,7 +245,7 @@ def static_pipeline_metadata(model: ParallelModel, plan: Plan, rt: Runtime) -> N
         return
     cfg, spec = plan.config, plan.model
     seq = plan.training.seq_len
-    dtype = rt.compute_dtype if cfg.dp > 1 else torch.float32
+    dtype = rt.compute_dtype if cfg.dp_cp > 1 else torch.float32
     hidden = _meta(
         (cfg.micro_batch, seq // (cfg.tp if cfg.sequence_parallel else 1), spec.hidden),
         dtype,

@@ -1,10 +1,10 @@
-"""The device mesh of a plan: (pp, dp, tp) with the plan's rank map, not torchrun's order.
+"""The device mesh of a plan: (pp, dp, cp, tp) with the plan's rank map, not torchrun's order.
 
 Owns: `MeshInfo` (the mesh plus this process's coordinate) and `build_mesh`.
 Does not own: the rank map itself (the planner's `Plan.ranks`), or process-group start-up
 (train.py).
 
-Convention (planner/parallel.py): mesh rank r = (p*dp + d)*tp + t is held by global GPU
+Convention (planner/parallel.py): mesh rank r = ((p*dp + d)*cp + c)*tp + t is held by global GPU
 `plan.ranks[r].gpu_id`, and torchrun starts the process of node i's local GPU j with
 RANK = that GPU id (node-major, contiguous).
 
@@ -14,7 +14,8 @@ process group whose ranks torch sorts, while DTensor gathers in mesh-coordinate 
 2.13 `distribute_tensor(arange(4), DeviceMesh("cpu", [1, 0]), [Shard(0)]).full_tensor()` returns
 [2, 3, 0, 1]. So `init_distributed` gives the process on GPU g the process-group rank
 `plan.gpu_to_rank()[g]`; the mesh is then arange(world).reshape(pp, dp, tp), ascending on every
-axis, and mesh rank r still runs on GPU `plan.ranks[r].gpu_id` (the device is chosen by
+axis (with cp > 1: reshape(pp, dp, cp, tp), and dp x cp flattened into the `dp_cp` mesh that
+data parallelism shards and averages over; with cp = 1 the mesh has no cp axis, as before), and mesh rank r still runs on GPU `plan.ranks[r].gpu_id` (the device is chosen by
 LOCAL_RANK, i.e. the physical GPU, not by the process-group rank).
 """
 
@@ -33,7 +34,7 @@ from planner.plan import Plan
 
 @dataclass(frozen=True, kw_only=True)
 class MeshInfo:
-    """The (pp, dp, tp) mesh and where this process sits in it."""
+    """The (pp, dp[, cp], tp) mesh and where this process sits in it."""
 
     mesh: DeviceMesh
     pp: int
@@ -42,15 +43,24 @@ class MeshInfo:
     pp_rank: int
     dp_rank: int
     tp_rank: int
+    cp: int = 1
+    cp_rank: int = 0
+    # dp x cp flattened (cp > 1): the group gradients are averaged over and ZeRO shards over
+    dp_cp_mesh: DeviceMesh | None = None
 
     def __post_init__(self) -> None:
-        if self.pp * self.dp * self.tp != self.mesh.size():
+        if self.pp * self.dp * self.cp * self.tp != self.mesh.size():
             raise ValueError(
-                f"pp*dp*tp != mesh size ({self.pp}*{self.dp}*{self.tp} != {self.mesh.size()})"
+                f"pp*dp*cp*tp != mesh size ({self.pp}*{self.dp}*{self.cp}*{self.tp} != "
+                f"{self.mesh.size()})"
             )
 
     def sub(self, axis: MeshAxis) -> DeviceMesh:
         return self.mesh[axis.value]
+
+    def data_parallel_mesh(self) -> DeviceMesh:
+        """The mesh data parallelism runs on: dp, or dp x cp flattened when cp > 1."""
+        return self.dp_cp_mesh if self.dp_cp_mesh is not None else self.sub(MeshAxis.DP)
 
     def group(self, axis: MeshAxis) -> dist.ProcessGroup:
         return self.mesh.get_group(axis.value)
@@ -92,16 +102,19 @@ def init_distributed(
 
 
 def build_mesh(plan: Plan, device_type: str) -> MeshInfo:
-    """The (pp, dp, tp) mesh over a process group started by `init_distributed`."""
+    """The (pp, dp[, cp], tp) mesh over a process group started by `init_distributed`."""
     cfg = plan.config
     world = dist.get_world_size()
     if world != cfg.world_size:
         raise ValueError(
-            f"the plan needs tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.world_size} processes; "
+            f"the plan needs {cfg.degrees_text()} = {cfg.world_size} processes; "
             f"{world} were started"
         )
-    layout = torch.arange(world, dtype=torch.int64).reshape(cfg.pp, cfg.dp, cfg.tp)
-    mesh = DeviceMesh(device_type, layout, mesh_dim_names=tuple(a.value for a in MESH_ORDER))
+    axes = [a for a in MESH_ORDER if a is not MeshAxis.CP or cfg.cp > 1]
+    sizes = {MeshAxis.PP: cfg.pp, MeshAxis.DP: cfg.dp, MeshAxis.CP: cfg.cp, MeshAxis.TP: cfg.tp}
+    layout = torch.arange(world, dtype=torch.int64).reshape(*(sizes[a] for a in axes))
+    mesh = DeviceMesh(device_type, layout, mesh_dim_names=tuple(a.value for a in axes))
+    dp_cp = mesh["dp", "cp"]._flatten("dp_cp") if cfg.cp > 1 else None
     mesh_rank = dist.get_rank()
     entry = next(e for e in plan.ranks if e.rank == mesh_rank)
     return MeshInfo(
@@ -112,4 +125,7 @@ def build_mesh(plan: Plan, device_type: str) -> MeshInfo:
         pp_rank=entry.pp,
         dp_rank=entry.dp,
         tp_rank=entry.tp,
+        cp=cfg.cp,
+        cp_rank=entry.cp,
+        dp_cp_mesh=dp_cp,
     )

@@ -15,6 +15,7 @@ so the same code runs on a full block and on a tensor-parallel shard.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch.utils.checkpoint import checkpoint
 from executor.support import check_buildable
 from planner.parallel import Recompute
 from planner.specs import MlpKind, ModelSpec, NormKind, PositionKind
+
+if TYPE_CHECKING:
+    from executor.cp import ContextParallel
 
 NORM_EPS = 1e-5  # LayerNorm/RMSNorm epsilon of GPT-2 and Llama-2 (HF configs: 1e-5)
 ROPE_THETA = 10_000.0  # RoPE base (Su et al. 2021, RoFormer Sec. 3.4.2; Llama-2 default)
@@ -37,18 +41,25 @@ def _norm(spec: ModelSpec) -> nn.Module:
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    seq_len: int,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables [seq, head_dim/2] of rotary embeddings (RoFormer, Su et al. 2021, Eq. 34).
 
     Computed per forward rather than cached in a buffer: it costs O(seq * head_dim), nothing next
     to the matmuls, and it keeps the module free of non-persistent buffers that meta-device
-    construction would leave uninitialised.
+    construction would leave uninitialised. `positions` (default 0..seq_len-1) are the tokens'
+    places in the sequence: a context-parallel shard's are not contiguous (executor/cp.py).
     """
     inv_freq = 1.0 / (
         ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     )
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    if positions is None:
+        positions = torch.arange(seq_len, device=device)
+    angles = torch.outer(positions.to(torch.float32), inv_freq)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -73,13 +84,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(spec.q_dim, h, bias=spec.bias)
         # Set by activation_checkpoint.apply_ac: recompute softmax(QK^T)V in backward.
         self.recompute_core = False
+        # Set by cp.apply_cp: this rank holds a context-parallel shard of the sequence.
+        self.context_parallel: ContextParallel | None = None
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """RoPE + grouped-query causal SDPA on [mb, seq, heads, head_dim] tensors."""
+        cp = self.context_parallel
         if self.rope:
-            cos, sin = rope_cos_sin(q.shape[1], self.head_dim, q.device, q.dtype)
+            where = cp.positions(q.shape[1], q.device) if cp is not None else None
+            cos, sin = rope_cos_sin(q.shape[1], self.head_dim, q.device, q.dtype, where)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cp is not None:  # all-gather K, V over the CP group (executor/cp.py)
+            return cp.attention(q, k, v).transpose(1, 2).flatten(2)
         # enable_gqa shares each K/V head across its query group inside the kernel, so no
         # expanded K/V copies are kept for backward (37 % fewer saved attention bytes at 4:1).
         grouped = q.shape[1] != k.shape[1]
@@ -162,11 +179,18 @@ class Embedding(nn.Module):
             if spec.position is PositionKind.LEARNED
             else None
         )
+        # Set by cp.apply_cp: the tokens are a context-parallel shard (positions not contiguous).
+        self.context_parallel: ContextParallel | None = None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
         if self.pos_embeddings is not None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            cp = self.context_parallel
+            positions = (
+                cp.positions(tokens.shape[1], tokens.device)
+                if cp is not None
+                else torch.arange(tokens.shape[1], device=tokens.device)
+            )
             h = h + self.pos_embeddings(positions)
         return h
 

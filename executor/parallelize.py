@@ -9,8 +9,9 @@ Fixed order, each step on every local chunk (torchtitan's order):
 2. tensor parallel (tp.py), still on meta;
 3. materialise on the device and initialise from (seed, parameter name) (model.init_weights),
    so values are identical for any layout;
-4. activation checkpointing per the plan's recompute mode (activation_checkpoint.py);
-5. data parallel per the ZeRO stage (dp.py) when dp > 1;
+4. activation checkpointing per the plan's recompute mode (activation_checkpoint.py), and with
+   cp > 1 the context-parallel attention and positions (cp.py);
+5. data parallel per the ZeRO stage (dp.py) when dp * cp > 1 (over dp x cp flattened);
 6. with pp > 1, pipeline stages and the plan's schedule (pp.py).
 
 Embeddings stay tied only when the embedding and the head live in one chunk (pp = 1); across
@@ -27,6 +28,7 @@ from torch import nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from executor.activation_checkpoint import apply_ac
+from executor.cp import ContextParallel, apply_cp
 from executor.device import Runtime
 from executor.dp import apply_dp
 from executor.fp8 import apply_fp8
@@ -55,6 +57,16 @@ class ParallelModel:
         return [p for m in self.modules for p in m.parameters()]
 
 
+def context_parallel(mesh: MeshInfo, plan: Plan) -> ContextParallel:
+    """This rank's CP group (cp > 1) and the plan's CP attention."""
+    return ContextParallel(
+        group=mesh.group(MeshAxis.CP),
+        size=mesh.cp,
+        rank=mesh.cp_rank,
+        kind=plan.config.cp_attention,
+    )
+
+
 def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> ParallelModel:
     """Apply pp -> tp -> materialise/init -> AC -> dp -> pipeline schedule, in that order."""
     cfg = plan.config
@@ -72,10 +84,12 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
             apply_fp8(model, runtime)
         for block in model.layers.values():
             apply_ac(block, cfg.recompute)
-        if cfg.dp > 1:
+        if cfg.cp > 1:
+            apply_cp(model, context_parallel(mesh, plan))
+        if cfg.dp_cp > 1:
             apply_dp(
                 model,
-                mesh.sub(MeshAxis.DP),
+                mesh.data_parallel_mesh(),
                 zero=cfg.zero,
                 param_dtype=runtime.compute_dtype,
             )

@@ -34,7 +34,7 @@ from executor.metrics import (
     model_flops_per_token,
 )
 from executor.model import loss_fn
-from executor.parallelize import ParallelModel, parallelize
+from executor.parallelize import ParallelModel, context_parallel, parallelize
 from executor.tp import loss_context
 from planner.errors import ConfigError, MeshplanError, SpecError
 from planner.plan import Plan, load_plan
@@ -101,9 +101,10 @@ def _local_step(
 def _global_loss(
     local: torch.Tensor | None, plan: Plan, tp_rank: int, device: torch.device
 ) -> float:
-    """Mean loss over dp ranks, from the last stage's tp-rank-0 processes, known to every rank."""
+    """Mean loss over dp ranks (and the cp shards of each sequence, which hold equal token
+    counts), from the last stage's tp-rank-0 processes, known to every rank."""
     value = local.float() if local is not None and tp_rank == 0 else torch.zeros((), device=device)
-    value = value / plan.config.dp
+    value = value / plan.config.dp_cp
     dist.all_reduce(value)
     return float(value)
 
@@ -137,11 +138,14 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
     flops = model_flops_per_token(plan.model, t.seq_len) * tokens
     peak = cluster_peak_flops(plan)
     log = MetricsLog(opts.metrics_path, enabled=dist.get_rank() == 0)
+    cp = context_parallel(mesh, plan) if plan.config.cp > 1 else None
     losses: list[float] = []
     for step in range(start, opts.steps):
         inputs, targets = local_batch(
             source, step, dp=plan.config.dp, dp_rank=mesh.dp_rank, device=rt.device
         )
+        if cp is not None:  # this rank's load-balanced chunks of every sequence
+            inputs, targets = cp.shard(inputs), cp.shard(targets)
         rt.synchronize()
         rt.reset_peak_memory()
         t0 = time.perf_counter()
@@ -224,7 +228,7 @@ def _run(plan_path: Path, opts: TrainOptions) -> int:
     if world != plan.config.world_size:
         cfg = plan.config
         raise ConfigError(
-            f"the plan needs tp*pp*dp = {cfg.tp}*{cfg.pp}*{cfg.dp} = {cfg.world_size} processes; "
+            f"the plan needs {cfg.degrees_text()} = {cfg.world_size} processes; "
             f"{world} were started (torchrun --nproc-per-node x --nnodes)"
         )
     backend = "nccl" if opts.device == "cuda" else "gloo"

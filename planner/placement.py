@@ -92,9 +92,7 @@ def validate_rank_map(
     n, world = cluster.num_gpus, config.world_size
     ranks = list(rank_to_gpu)
     if world != n:
-        raise ConfigError(
-            f"mesh tp*pp*dp = {config.tp}*{config.pp}*{config.dp} = {world} != {n} GPUs"
-        )
+        raise ConfigError(f"mesh {config.degrees_text()} = {world} != {n} GPUs")
     if len(ranks) != world:
         raise ConfigError(f"rank_to_gpu has {len(ranks)} entries; the mesh has {world} ranks")
     bad = [g for g in ranks if isinstance(g, bool) or not isinstance(g, (int, np.integer))]
@@ -109,15 +107,17 @@ def validate_rank_map(
             raise ConfigError(f"GPU {g} is given to mesh ranks {seen[g]} and {r}")
         seen[g] = r
     node_of = np.repeat(np.arange(len(cluster.nodes)), [n.gpus for n in cluster.nodes])
-    groups = node_of[np.asarray(ranks)].reshape(config.pp * config.dp, config.tp)
+    groups = node_of[np.asarray(ranks)].reshape(config.pp * config.dp * config.cp, config.tp)
     for g in np.flatnonzero(groups.min(axis=1) != groups.max(axis=1)).tolist():
-        p, d = divmod(g, config.dp)
-        group = [ranks[config.mesh_rank(p, d, t)] for t in range(config.tp)]
+        p, rest = divmod(g, config.dp * config.cp)
+        d, c = divmod(rest, config.cp)
+        group = [ranks[config.mesh_rank(p, d, c, t)] for t in range(config.tp)]
         nodes = sorted({int(node_of[x]) for x in group})
         small = [i for i in nodes if config.tp <= cluster.nodes[i].gpus]
         if small:
+            where = f"pp={p}, dp={d}" + (f", cp={c}" if config.cp > 1 else "")
             raise ConfigError(
-                f"TP group (pp={p}, dp={d}) on GPUs {group} spans nodes {nodes}; tp="
+                f"TP group ({where}) on GPUs {group} spans nodes {nodes}; tp="
                 f"{config.tp} fits in node {small[0]} ({cluster.nodes[small[0]].gpus} GPUs), "
                 "so a TP group must stay inside one node"
             )
@@ -350,6 +350,8 @@ def place(
     unless the time budget cuts the search (logged). Never predicted slower than the default.
     """
     config.validate(model, training, cluster)
+    if config.cp > 1:
+        return _context_parallel_default(model, training, cluster, config, profile)
     start = time.monotonic()
     deadline = start + 0.8 * time_budget_s
     links = link_model(cluster, profile)
@@ -444,6 +446,40 @@ def place(
         method=method,
         explanation=explanation,
         objective=objective,
+    )
+
+
+def _context_parallel_default(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    profile: Profile | None,
+) -> PlacementResult:
+    """With cp > 1 the default order is kept: it puts each CP group on the tp * cp GPUs next
+    to its TP groups (inside one node when tp * cp <= GPUs per node), the fastest links after
+    TP's. The slot search above moves (pp, dp) TP groups and does not know CP groups yet."""
+    cost = _cost_model(model, training, cluster, config, profile)
+    default = tuple(range(cluster.num_gpus))
+    step = cost(default) if cost is not None else float("nan")
+    gpn = min(n.gpus for n in cluster.nodes)
+    inside = config.tp * config.cp <= gpn and gpn % (config.tp * config.cp) == 0
+    where = (
+        f"inside one node ({config.tp * config.cp} of {gpn} GPUs)"
+        if inside
+        else f"across {-(-config.tp * config.cp // gpn)} nodes (tp*cp > GPUs per node)"
+    )
+    return PlacementResult(
+        rank_to_gpu=default,
+        step_time_s=step,
+        default_step_time_s=step,
+        speedup=1.0,
+        method="default",
+        explanation=(
+            f"context parallelism: each CP group of {config.cp} sits next to its TP groups "
+            f"{where}; the placement search does not move CP groups yet (default order kept)",
+        ),
+        objective="cost model" if cost is not None else "none",
     )
 
 

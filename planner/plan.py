@@ -38,7 +38,7 @@ class StagePlan:
 
 @dataclass(frozen=True, kw_only=True)
 class RankEntry:
-    """Mesh rank `rank` at mesh coordinate (pp, dp, tp) runs on global GPU `gpu_id`."""
+    """Mesh rank `rank` at mesh coordinate (pp, dp, cp, tp) runs on global GPU `gpu_id`."""
 
     rank: int
     gpu_id: int
@@ -47,6 +47,8 @@ class RankEntry:
     pp: int
     dp: int
     tp: int
+    # omitted at 0, so plans without context parallelism keep their bytes
+    cp: int = field(default=0, metadata={"json_omit_default": True})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,8 +113,10 @@ def build_plan(
     ranks = []
     for rank, gpu in enumerate(config.placement()):
         node, local = cluster.gpu_location(gpu)
-        p, d, t = config.mesh_coord(rank)
-        ranks.append(RankEntry(rank=rank, gpu_id=gpu, node=node, local_gpu=local, pp=p, dp=d, tp=t))
+        p, d, c, t = config.mesh_coord(rank)
+        ranks.append(
+            RankEntry(rank=rank, gpu_id=gpu, node=node, local_gpu=local, pp=p, dp=d, tp=t, cp=c)
+        )
     explicit = ParallelConfig(
         **{
             **_config_fields(config),

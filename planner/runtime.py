@@ -10,8 +10,10 @@ whose docstrings point here.
 
 The description has three parts: the data-parallel synchronisation rules (`RuntimeSemantics`),
 the memory rules (`MemoryRules`: what a block saves for backward, which buffers stay
-resident), which planner/cost/memory.py prices, and the Mixture-of-Experts block (`MoeRules`:
-routing, dispatch, what it keeps), which planner/cost/moe.py prices.
+resident), which planner/cost/memory.py prices; the Mixture-of-Experts block (`MoeRules`:
+routing, dispatch, what it keeps), which planner/cost/moe.py prices; and the context-parallel
+rules (`ContextParallelRules`: which CP attention runs, what it keeps and overlaps), which
+planner/cost/cp.py prices.
 """
 
 from __future__ import annotations
@@ -215,6 +217,59 @@ EXECUTOR_MOE = MoeRules(
 )
 
 
+class CpAttention(str, Enum):
+    """How attention runs over a sequence split into cp load-balanced shards (planner/cost/cp.py).
+
+    ALL_GATHER_KV: every rank all-gathers K and V of the whole sequence, attends its own
+    queries, and reduce-scatters dK, dV in backward (Llama 3, Dubey et al. 2024 Sec. 3.3.2).
+    RING: K/V blocks travel around the CP ring, each step overlapped with the attention of the
+    block received before (Liu et al. 2023, Ring Attention; Brandon et al. 2023 for the
+    load-balanced causal layout). ULYSSES: all-to-alls swap the sequence shard for a head shard
+    before and after attention (Jacobs et al. 2023, DeepSpeed-Ulysses)."""
+
+    ALL_GATHER_KV = "all_gather_kv"
+    RING = "ring"
+    ULYSSES = "ulysses"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextParallelRules:
+    """What a runtime's context parallelism runs and keeps (executor/cp.py for the executor)."""
+
+    # The CP attention the runtime runs by default, and all it can run (a plan chooses among
+    # these: ParallelConfig.cp_attention); the cost model shows the others for comparison.
+    attention: CpAttention
+    supported: tuple[CpAttention, ...]
+    # The K/V all-gather (and the dK/dV reduce-scatter) is issued inside the attention core on
+    # the compute stream and waited for: no overlap with compute.
+    comm_overlapped: bool
+    # SDPA saves its K and V inputs for backward, which under all-gather are the gathered
+    # full-sequence K, V of the layer (without recompute: per layer and micro-batch).
+    saves_gathered_kv: bool
+    # The gather runs inside the attention core, which selective recompute checkpoints, so
+    # selective (and full) recompute gather again in backward and keep only the local K, V.
+    gather_in_core: bool
+    # Backward holds gradients of the gathered K, V (whole sequence, compute dtype) until the
+    # reduce-scatter, one layer at a time: this many copies of that layer's K, V bytes at the
+    # peak. An estimate from the autograd graph of executor/cp.py, not a measurement: the two
+    # SDPA calls' dK, dV reach the gathered tensor through slice/select backward (each a full
+    # zero-filled buffer, accumulated in place into a second), the reorder's backward writes a
+    # third, and the collective's input is made contiguous: about 2.5 copies alive at once.
+    # (On CPU the lower-right mask is materialised and SDPA's math backward adds quadratic
+    # temporaries, so a CPU run cannot isolate the CUDA figure.)
+    kv_grad_copies: float
+
+
+EXECUTOR_CP = ContextParallelRules(
+    attention=CpAttention.ALL_GATHER_KV,
+    supported=(CpAttention.ALL_GATHER_KV, CpAttention.ULYSSES),
+    comm_overlapped=False,
+    saves_gathered_kv=True,
+    gather_in_core=True,
+    kv_grad_copies=2.5,
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeSemantics:
     """The data-parallel rules of one runtime (see the module docstring)."""
@@ -241,6 +296,8 @@ class RuntimeSemantics:
     zero1_runs_as_zero2: bool
     memory: MemoryRules
     moe: MoeRules = EXECUTOR_MOE
+    # Context parallelism (cp > 1); a runtime without it is priced as the executor runs it.
+    cp: ContextParallelRules = EXECUTOR_CP
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap_efficiency <= 1.0:

@@ -105,6 +105,8 @@ class SearchResult:
     pruned_by: Mapping[str, int]
     complete: bool
     search_time_s: float
+    # what the search did beyond the asked space, e.g. widened to context parallelism
+    notes: tuple[str, ...] = ()
 
 
 def step_lower_bound_s(problem: SplitProblem) -> float:
@@ -162,8 +164,35 @@ def search(
     profile: Profile | None = None,
     progress: ProgressFn | None = None,
 ) -> SearchResult:
-    """The top-k configurations by predicted step time (see the module docstring)."""
+    """The top-k configurations by predicted step time (see the module docstring).
+
+    Context parallelism (cp > 1) is searched when `allow` or `fix` names it, and otherwise only
+    when nothing fits with cp = 1: then the search runs again over every cp (the result's
+    notes say so), so plans that fit without CP keep their cp = 1 search space."""
     options = options or SearchOptions()
+    try:
+        return _search(model, training, cluster, options, profile=profile, progress=progress)
+    except NoFeasiblePlan as first:
+        if "cp" in options.allow or "cp" in options.fix:
+            raise
+        wider = replace(options, allow=options.allow | {"cp"})
+        try:
+            result = _search(model, training, cluster, wider, profile=profile, progress=progress)
+        except NoFeasiblePlan:
+            raise first from None
+        note = "nothing fits with cp = 1; context parallelism searched (as with --allow cp)"
+        return replace(result, notes=(*result.notes, note))
+
+
+def _search(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    *,
+    profile: Profile | None = None,
+    progress: ProgressFn | None = None,
+) -> SearchResult:
     start = time.perf_counter()
     configs, reasons = enumerate_configs(model, training, cluster, options)
     if not configs:
@@ -293,7 +322,7 @@ def _insert(
 
 
 def _memory_family(c: ParallelConfig) -> tuple[Any, ...]:
-    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages, c.ep)
+    return (c.tp, c.pp, c.dp, c.schedule, c.virtual_stages, c.ep, c.cp, c.cp_attention)
 
 
 def needs_more_memory(heavy: ParallelConfig, light: ParallelConfig) -> bool:
@@ -408,14 +437,22 @@ class _CheapBounds:
         self._times: dict[tuple[Any, ...], tuple[float, float, float]] = {}
 
     def of(self, cfg: ParallelConfig) -> float:
-        if not self._shared or self._gpn % cfg.tp:
+        if not self._shared or self._gpn % (cfg.tp * cfg.cp):
             return 0.0
         # an EP group of ep consecutive DP ranks spans ep * tp consecutive GPUs: inside one node
         # or over whole nodes alike for every pp and dp, so its all-to-all link is shared too
         span = cfg.ep * cfg.tp
         if cfg.ep > 1 and self._gpn % span and span % self._gpn:
             return 0.0
-        key = (cfg.tp, cfg.micro_batch, cfg.recompute, cfg.sequence_parallel, cfg.ep)
+        key = (
+            cfg.tp,
+            cfg.micro_batch,
+            cfg.recompute,
+            cfg.sequence_parallel,
+            cfg.ep,
+            cfg.cp,
+            cfg.cp_attention,
+        )
         if key not in self._times:
             p = self._split_problem(*self._args, cfg, None)
             self._times[key] = (p.block_time_s[0], p.embedding_time_s, p.head_time_s)
@@ -435,7 +472,9 @@ def describe_config(c: ParallelConfig) -> str:
     sp = " sp" if c.sequence_parallel else ""
     ep = f" ep={c.ep}" if c.ep > 1 else ""
     return (
-        f"tp={c.tp} pp={c.pp} dp={c.dp}{ep} micro_batch={c.micro_batch} {sched} "
+        f"tp={c.tp} pp={c.pp} dp={c.dp}{ep}"
+        f"{f' cp={c.cp} ({c.cp_attention.value})' if c.cp > 1 else ''} "
+        f"micro_batch={c.micro_batch} {sched} "
         f"recompute={c.recompute.value} zero={c.zero}{sp}"
     )
 
@@ -503,7 +542,7 @@ def _nodes_that_fit(
     first = cluster.nodes[0]
     if any(n != first for n in cluster.nodes) or profile is not None:
         return None
-    fix = {k: v for k, v in options.fix.items() if k not in ("tp", "pp", "dp")}
+    fix = {k: v for k, v in options.fix.items() if k not in ("tp", "pp", "dp", "cp")}
     frugal = replace(options, fix=fix)
     nodes = len(cluster.nodes)
     for _ in range(MORE_NODES_DOUBLINGS):
@@ -523,7 +562,7 @@ def _nodes_that_fit(
             fam = _memory_family(c)
             if fam not in lightest or _frugal_key(c) < _frugal_key(lightest[fam]):
                 lightest[fam] = c
-        order = sorted(lightest.values(), key=lambda c: (-c.pp, -c.tp, config_key(c)))
+        order = sorted(lightest.values(), key=lambda c: (-c.pp, -c.tp, -c.cp, config_key(c)))
         for cfg in order[:MORE_NODES_PROBES]:
             if is_feasible(split_problem(model, training, bigger, cfg, None)):
                 return nodes

@@ -16,6 +16,7 @@ from typing import Any
 from planner.cost import moe
 from planner.errors import SpecError
 from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule
+from planner.runtime import EXECUTOR_CP, CpAttention
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
 ALLOW_CHOICES: dict[str, str] = {
@@ -23,6 +24,8 @@ ALLOW_CHOICES: dict[str, str] = {
     "zero": "ZeRO-2/3 together with pipeline parallelism",
     "gpipe": "the GPipe schedule (every micro-batch in flight)",
     "ep": "expert-parallel groups across nodes (ep may be any divisor of dp)",
+    "cp": "context parallelism even when a plan fits without it (by default cp > 1 is "
+    "searched only when nothing fits with cp = 1)",
 }
 FIXABLE: tuple[str, ...] = (
     "tp",
@@ -35,10 +38,13 @@ FIXABLE: tuple[str, ...] = (
     "sequence_parallel",
     "zero",
     "ep",
+    "cp",
+    "cp_attention",
 )
 
 RECOMPUTE_ORDER = {Recompute.NONE: 0, Recompute.SELECTIVE: 1, Recompute.FULL: 2}
 SCHEDULE_ORDER = {Schedule.ONE_F_ONE_B: 0, Schedule.INTERLEAVED: 1, Schedule.GPIPE: 2}
+CP_ATTENTION_ORDER = {k: i for i, k in enumerate(CpAttention)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +110,8 @@ def _parse_fix_value(key: str, value: str) -> Any:
         return _enum_value(Schedule, key, value)
     if key == "recompute":
         return _enum_value(Recompute, key, value)
+    if key == "cp_attention":
+        return _enum_value(CpAttention, key, value)
     if key == "sequence_parallel":
         truth = {"true": True, "1": True, "yes": True, "on": True}
         falsity = {"false": False, "0": False, "no": False, "off": False}
@@ -151,6 +159,8 @@ def config_key(c: ParallelConfig) -> tuple[Any, ...]:
         c.sequence_parallel,
         c.zero,
         c.ep,
+        c.cp,
+        CP_ATTENTION_ORDER[c.cp_attention],
     )
 
 
@@ -170,16 +180,21 @@ def enumerate_configs(
     reasons: list[str] = []
     moe.check_priceable(model)
     tps = _divisors(world) if "tp" in allow else _divisors(gpn)
-    for tp in _pick(fix, "tp", tps):
+    for tp, cp, kind in _tp_cp(fix, allow, tps, world, model, training):
         rule = model.tp_divisible(tp)
         if world % tp or rule:
             reasons.append(rule or f"tp={tp} must divide the GPU count {world}")
             continue
-        for pp in _pick(fix, "pp", [p for p in _divisors(world // tp) if p <= L]):
-            if (world // tp) % pp:
-                reasons.append(f"tp*pp={tp}*{pp} must divide the GPU count {world}")
+        if (world // tp) % cp:
+            reasons.append(f"tp*cp={tp}*{cp} must divide the GPU count {world}")
+            continue
+        rest = world // (tp * cp)
+        for pp in _pick(fix, "pp", [p for p in _divisors(rest) if p <= L]):
+            if rest % pp:
+                what = f"tp*pp={tp}*{pp}" if cp == 1 else f"tp*pp*cp={tp}*{pp}*{cp}"
+                reasons.append(f"{what} must divide the GPU count {world}")
                 continue
-            dp = world // (tp * pp)
+            dp = rest // pp
             if "dp" in fix and fix["dp"] != dp:
                 reasons.append(f"dp={fix['dp']} needs tp*pp = {world}/{fix['dp']}, not {tp}*{pp}")
                 continue
@@ -192,7 +207,7 @@ def enumerate_configs(
                         for sp in _pick(
                             fix, "sequence_parallel", [False, True] if tp > 1 else [False]
                         ):
-                            for zero in _pick(fix, "zero", _zeros(allow, pp, dp)):
+                            for zero in _pick(fix, "zero", _zeros(allow, pp, dp * cp)):
                                 for ep in _pick(fix, "ep", _eps(model, dp, tp, gpn, allow)):
                                     try:
                                         cfg = ParallelConfig(
@@ -206,6 +221,8 @@ def enumerate_configs(
                                             sequence_parallel=sp,
                                             zero=zero,
                                             ep=ep,
+                                            cp=cp,
+                                            cp_attention=kind,
                                         )
                                         cfg.validate(model, training, cluster)
                                     except ConfigError as e:
@@ -213,6 +230,39 @@ def enumerate_configs(
                                         continue
                                     out.append(cfg)
     return out, reasons
+
+
+def _tp_cp(
+    fix: Mapping[str, Any],
+    allow: frozenset[str],
+    tps: list[int],
+    world: int,
+    model: ModelSpec,
+    training: TrainingSpec,
+) -> list[tuple[int, int, CpAttention]]:
+    """(tp, cp) pairs: with `allow cp`, cp over the divisors of GPUs/tp that the load-balanced
+    layout can cut the sequence into (seq_len divisible by 2*cp), 1 always; else cp = 1."""
+    out = []
+    for tp in _pick(fix, "tp", tps):
+        rest = world // tp if world % tp == 0 else 1
+        cps = [1] + [c for c in _divisors(rest) if c > 1 and training.seq_len % (2 * c) == 0]
+        for cp in _pick(fix, "cp", cps if "cp" in allow else [1]):
+            for kind in _pick(fix, "cp_attention", _cp_attentions(model, tp, cp)):
+                out.append((tp, cp, kind))
+    return out
+
+
+def _cp_attentions(model: ModelSpec, tp: int, cp: int) -> list[CpAttention]:
+    """The CP attentions the executor runs that fit this model at (tp, cp): all-gather always,
+    Ulysses when cp divides the heads and KV heads per TP rank."""
+    if cp == 1:
+        return [CpAttention.ALL_GATHER_KV]
+    return [
+        k
+        for k in EXECUTOR_CP.supported
+        if k is not CpAttention.ULYSSES
+        or ((model.heads // tp) % cp == 0 and (model.kv_heads // tp) % cp == 0)
+    ]
 
 
 def _pick(fix: Mapping[str, Any], name: str, default: list[Any]) -> list[Any]:

@@ -93,8 +93,8 @@ def test_balanced_split_is_contiguous_and_even(layers, chunks):
 
 def test_mesh_coordinates_and_groups_follow_the_rank_map():
     cfg = ParallelConfig(tp=2, pp=2, dp=2, micro_batch=1, rank_to_gpu=(7, 6, 5, 4, 3, 2, 1, 0))
-    assert cfg.mesh_coord(5) == (1, 0, 1)
-    assert cfg.mesh_rank(1, 0, 1) == 5
+    assert cfg.mesh_coord(5) == (1, 0, 0, 1)
+    assert cfg.mesh_rank(1, 0, 0, 1) == 5
     assert cfg.group_gpus(MeshAxis.TP, 0) == (7, 6)
     assert cfg.group_gpus(MeshAxis.DP, 0) == (7, 5)
     assert cfg.group_gpus(MeshAxis.PP, 0) == (7, 3)

@@ -1,7 +1,7 @@
 """Which link each group of a configuration's mesh runs on, and its collective times.
 
-Owns: `ClusterArrays` (the (pp, dp, tp) mesh as node ids, the slowest link of every TP / DP / PP
-group with NIC sharing when several groups of the same axis leave a node at once, and the
+Owns: `ClusterArrays` (the (pp, dp, cp, tp) mesh as node ids, the slowest link of every TP / CP /
+DP / PP group with NIC sharing when several groups of the same axis leave a node at once, and the
 pipeline-boundary p2p time), `GroupLink` (that link as one record), `ring_time_s` (a collective
 on one GroupLink) and the lookup of measured collective fits / p2p matrix from a Profile.
 Does not own: the time formulas (planner/cost/collectives.py: ring and tree all-reduce,
@@ -86,7 +86,10 @@ class ClusterArrays:
         counts = table[:, 0].astype(np.int64)
         node_of_gpu = np.repeat(np.arange(len(nodes)), counts)
         placement = np.asarray(config.placement())
-        self.gpu = placement.reshape(config.pp, config.dp, config.tp)
+        # (pp, dp*cp, tp): the middle axis is the gradient-sync group (dp and cp together,
+        # planner/parallel.py `dp_cp`); `cp` splits it again for the CP groups
+        self.cp = config.cp
+        self.gpu = placement.reshape(config.pp, config.dp * config.cp, config.tp)
         self.node = node_of_gpu[self.gpu]
         self.switch = table[:, 1].astype(np.int64)
         self.net_bw = table[:, 2] * self.net_eff
@@ -98,6 +101,12 @@ class ClusterArrays:
         self.isl_bw = isl.bandwidth_bytes_per_s * self.net_eff if isl else np.inf
         self.isl_lat = isl.latency_s if isl else 0.0
 
+    def cp_groups(self, pp_rank: int) -> np.ndarray:
+        """Rows of GPU ids, one per CP group of pipeline rank `pp_rank`."""
+        _, _, tp = self.gpu.shape
+        g = self.gpu[pp_rank].reshape(-1, self.cp, tp)
+        return g.transpose(0, 2, 1).reshape(-1, self.cp)
+
     def axis_links(self, axis: MeshAxis) -> tuple[GroupLink, ...]:
         """Worst group link of `axis`, per pipeline rank (all groups of an axis run at once).
 
@@ -106,11 +115,14 @@ class ClusterArrays:
         spanning groups leaving that node), and at most the inter-switch link if it spans
         switches; its latency is the NIC's.
         """
-        arr = self.node  # (pp, dp, tp)
+        arr = self.node  # (pp, dp*cp, tp)
         if axis is MeshAxis.TP:
             groups = arr
-        elif axis is MeshAxis.DP:
+        elif axis is MeshAxis.DP:  # the gradient-sync group: all dp*cp ranks of a (pp, tp)
             groups = arr.transpose(0, 2, 1)
+        elif axis is MeshAxis.CP:
+            pp, _, tp = arr.shape
+            groups = arr.reshape(pp, -1, self.cp, tp).transpose(0, 1, 3, 2).reshape(pp, -1, self.cp)
         else:
             groups = arr.transpose(1, 2, 0)
         shape = groups.shape

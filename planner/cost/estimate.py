@@ -52,6 +52,8 @@ class TimeBreakdown:
     # MoE dispatch + combine all-to-all on the EP group (in the JSON only when non-zero, so
     # dense estimates and plans keep their bytes; calibration corrections leave it unscaled)
     ep_comm_s: float = 0.0
+    # context-parallel collectives (planner/cost/cp.py); in the JSON only when cp > 1
+    cp_comm_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +128,8 @@ class Estimate:
                     "optimizer_s",
                 )
             }
-            | ({"ep_comm_s": self.breakdown.ep_comm_s} if self.breakdown.ep_comm_s else {}),
+            | ({"ep_comm_s": self.breakdown.ep_comm_s} if self.breakdown.ep_comm_s else {})
+            | ({"cp_comm_s": self.breakdown.cp_comm_s} if self.breakdown.cp_comm_s else {}),
             "memory_breakdown": mem(self.memory_breakdown),
             "stages": [
                 {
@@ -340,9 +343,9 @@ def estimate(
         n_params += rc.params.embedding if r == 0 else 0
         n_params += rc.params.head if r == last_rank else 0
         sync_in = _rank_sync_inputs(rc, config, training, split, r)
-        exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp > 1 else 0.0
-        shard = config.dp if config.zero >= 1 else 1
-        expert_shard = config.dp // config.ep if config.zero >= 1 else 1
+        exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp_cp > 1 else 0.0
+        shard = config.dp_cp if config.zero >= 1 else 1
+        expert_shard = config.dp_cp // config.ep if config.zero >= 1 else 1
         # routed experts: their own shard (ZeRO over the expert-DP group), same bytes per param
         sharded_params = n_params / shard + expert_params[r] / expert_shard
         opt = sharded_params * touched_per_param / rc.hbm_bytes_per_s[r]
@@ -367,6 +370,7 @@ def estimate(
     comp = [0.0] * pp
     tpc = [0.0] * pp
     epc = [0.0] * pp
+    cpc = [0.0] * pp
     for k, n in enumerate(split):
         r = k % pp
         parts = [(n, rc.block[r])]
@@ -378,6 +382,7 @@ def estimate(
             comp[r] += cnt * (p.fwd_compute_s + p.bwd_compute_s)
             tpc[r] += cnt * (p.fwd_tp_s + p.bwd_tp_s)
             epc[r] += cnt * (p.fwd_ep_s + p.bwd_ep_s)
+            cpc[r] += cnt * (p.fwd_cp_s + p.bwd_cp_s)
             busy[r] += cnt * p.total_s
     b = busy.index(max(busy))
 
@@ -393,6 +398,7 @@ def estimate(
         dp_comm_s=clean(tail - optimizer_s),
         bubble_s=clean(no_p2p - m * busy[b]),
         optimizer_s=optimizer_s,
+        cp_comm_s=m * cpc[b],
     )
 
     # memory per rank, from the SplitProblem so the ILP and the estimate agree exactly

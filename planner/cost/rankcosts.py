@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from planner.cost import analytic, compute, memory, moe
+from planner.cost import cp as cpcost
 from planner.cost.analytic import AnalyticConstants, PassTimes
 from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
 from planner.parallel import MeshAxis, ParallelConfig
@@ -39,14 +40,17 @@ class PartTimes:
     # MoE dispatch + combine all-to-all over the EP group (planner/cost/moe.py); 0 when dense
     fwd_ep_s: float = 0.0
     bwd_ep_s: float = 0.0
+    # context-parallel collectives of a block (planner/cost/cp.py), exposed seconds
+    fwd_cp_s: float = 0.0
+    bwd_cp_s: float = 0.0
 
     @property
     def fwd_s(self) -> float:
-        return self.fwd_compute_s + self.fwd_tp_s + self.fwd_ep_s
+        return self.fwd_compute_s + self.fwd_tp_s + self.fwd_ep_s + self.fwd_cp_s
 
     @property
     def bwd_s(self) -> float:
-        return self.bwd_compute_s + self.bwd_tp_s + self.bwd_ep_s
+        return self.bwd_compute_s + self.bwd_tp_s + self.bwd_ep_s + self.bwd_cp_s
 
     @property
     def total_s(self) -> float:
@@ -116,8 +120,10 @@ def build_rank_costs(
 ) -> RankCosts:
     config.validate(model, training, cluster)
     moe.check_priceable(model)
-    pp, tp, v = config.pp, config.tp, config.virtual_stages
-    mb, seq, dtype = config.micro_batch, training.seq_len, training.dtype
+    pp, tp, v, cp = config.pp, config.tp, config.virtual_stages, config.cp
+    # with context parallelism a rank holds seq_len/cp tokens of each sequence; cp.py adds
+    # what the local view misses (attention over the whole sequence, CP collectives, K/V)
+    mb, seq, dtype = config.micro_batch, training.seq_len // cp, training.dtype
     sp, rc, flash = config.sequence_parallel, config.recompute.value, training.flash_attention
     m = config.num_micro_batches(training)
     notes: list[str] = []
@@ -128,7 +134,8 @@ def build_rank_costs(
     gpus: dict[int, GpuSpec] = {i: cluster.nodes[i].gpu for t in types for i in t}
 
     rules = runtime.memory
-    residual = rules.residual_bytes(dtype.nbytes, config.dp)
+    residual = rules.residual_bytes(dtype.nbytes, config.dp_cp)
+    cp_rules = runtime.cp
 
     def act(seq_par: bool, recompute: str) -> float:
         return memory.block_activation_bytes(
@@ -145,8 +152,21 @@ def build_rank_costs(
             ep=config.ep,
         )
 
-    block_act = act(sp, rc)
-    block_act_none = act(sp, "none")
+    def cp_kv(recompute: str) -> float:
+        return cpcost.saved_extra_bytes(
+            model,
+            micro_batch=mb,
+            seq_len=training.seq_len,
+            tp=tp,
+            cp=cp,
+            recompute=recompute,
+            dtype=dtype,
+            rules=cp_rules,
+            kind=config.cp_attention,
+        )
+
+    block_act = act(sp, rc) + cp_kv(rc)
+    block_act_none = act(sp, "none") + cp_kv("none")
 
     # --- compute per GPU type: measured when the profile covers it, else analytic
     use_profile = profile is not None and bool(profile.compute)
@@ -191,6 +211,19 @@ def build_rank_costs(
                 model, micro_batch=mb, seq_len=seq, tp=tp, gpu=gpu, dtype=dtype, c=constants
             ),
         }
+        if cp > 1:
+            cp_extra = cpcost.attention_extra_times(
+                model,
+                micro_batch=mb,
+                seq_len=training.seq_len,
+                tp=tp,
+                cp=cp,
+                recompute=rc,
+                flash_attention=flash,
+                gpu=gpu,
+                dtype=dtype,
+                c=constants,
+            )
         dev = device_names[i] if use_profile else None
         for key, kind in (
             ("block", BlockKind.TRANSFORMER_BLOCK),
@@ -224,11 +257,22 @@ def build_rank_costs(
                     )
                 continue
             analytic_parts[key] = PassTimes(forward_s=rec.forward_s, backward_s=rec.backward_s)
+            if key == "block" and cp > 1:
+                notes.append(
+                    f"block measured at seq_len/cp = {seq}; the attention over the whole "
+                    "sequence beyond it is analytic (planner/cost/cp.py)"
+                )
             (tp_timed if rec.tp_collectives_included else tp_plain).add(key)
             if rec.note:
                 notes.append(rec.note)
             if key == "block" and rec.activation_bytes is not None:
                 profiled_activations = True
+        if cp > 1:
+            b = analytic_parts["block"]
+            analytic_parts["block"] = PassTimes(
+                forward_s=b.forward_s + cp_extra.forward_s,
+                backward_s=b.backward_s + cp_extra.backward_s,
+            )
         parts[i] = analytic_parts
     source = "measured" if measured_blocks else "analytic"
     if measured_blocks and profiled_activations:
@@ -255,6 +299,9 @@ def build_rank_costs(
                 return t
         return ring_time_s(op, nbytes, tp_links[r])
 
+    cp_block = cpcost.rank_block_comm_times(
+        model, training, config, arrays, profile, constants, runtime, gpus, notes
+    )
     blocks, emb, head = [], None, None
     last_rank = (pp * v - 1) % pp
     a2a = (
@@ -294,6 +341,8 @@ def build_rank_costs(
                 bwd_tp_s=once * (2 if rc == "full" else 1) + routing_grad,
                 fwd_ep_s=a2a_pass + counts,
                 bwd_ep_s=a2a_pass + (a2a_pass + counts if rc == "full" else 0.0),
+                fwd_cp_s=cp_block[r].forward_s,
+                bwd_cp_s=cp_block[r].backward_s,
             )
         )
         if r == 0:
@@ -353,7 +402,7 @@ def build_rank_costs(
     )
     params = memory.tp_rank_params(model, tp, config.num_chunks, config.ep)
     state = memory.state_bytes_per_param(
-        dtype, training.grad_dtype, config.zero, config.dp, pipelined=pp > 1, rules=rules
+        dtype, training.grad_dtype, config.zero, config.dp_cp, pipelined=pp > 1, rules=rules
     )
     expert_dp = config.dp // config.ep
     expert_state = (
@@ -364,6 +413,16 @@ def build_rank_costs(
         else None
     )
     frag = memory.ALLOCATOR_FRAGMENTATION
+    kv_grad = cpcost.kv_grad_transient_bytes(
+        model,
+        micro_batch=mb,
+        seq_len=training.seq_len,
+        tp=tp,
+        cp=cp,
+        dtype=dtype,
+        rules=cp_rules,
+        kind=config.cp_attention,
+    )
     fixed = []
     for r in range(pp):
         on_cpu = all(cluster.nodes[i].gpu.kind is DeviceKind.CPU for i in types[r])
@@ -375,6 +434,8 @@ def build_rank_costs(
             if r == pp - 1:
                 working = max(working - head_act, 0.0)
             extra += working * (1 + frag)
+        # one layer's gradient of the gathered K, V waits for its reduce-scatter (runtime.py)
+        extra += kv_grad * (1 + frag)
         if config.zero >= 3 and state.weights < dtype.nbytes:  # sharded weights (runtime.py)
             gathered = params.per_block + (params.expert_per_block if expert_dp > 1 else 0)
             extra += 2 * gathered * dtype.nbytes  # gathered weights: current + prefetch
@@ -390,7 +451,7 @@ def build_rank_costs(
     )
     hbm = tuple(min(cluster.nodes[i].gpu.hbm_bytes_per_s for i in types[r]) for r in range(pp))
     # DTensor parameters (FSDP2/replicate, TP) pay per-op dispatch in the optimizer step
-    opt_dist = config.dp > 1 or tp > 1
+    opt_dist = config.dp_cp > 1 or tp > 1
     opt_times = tuple(
         compute.rank_optimizer_times(
             profile, [device_names[i] for i in types[r]], tp=tp, distributed=opt_dist
@@ -401,9 +462,9 @@ def build_rank_costs(
         for r in range(pp)
     )
     # ZeRO-0 on CPU workers at tp = 1: the unit's sync as the executor's replicate runs it
-    sync_measured = config.zero == 0 and tp == 1 and config.dp > 1 and model.moe is None
+    sync_measured = config.zero == 0 and tp == 1 and config.dp_cp > 1 and model.moe is None
     dp_sync = tuple(
-        compute.rank_dp_sync(profile, [device_names[i] for i in types[r]], group_size=config.dp)
+        compute.rank_dp_sync(profile, [device_names[i] for i in types[r]], group_size=config.dp_cp)
         if profile is not None
         and use_profile
         and sync_measured
