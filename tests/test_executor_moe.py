@@ -135,9 +135,21 @@ def test_single_process_moe_loss_falls() -> None:
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+def test_mfu_counts_the_active_experts_only() -> None:
+    from executor.metrics import model_flops_per_token
+
+    spec = SHAPES["mixtral-like"]
+    pc = spec.param_count()
+    dense_part = 6.0 * (pc.blocks - pc.routed_experts + spec.vocab * spec.hidden)
+    attention = 12.0 * spec.layers * spec.heads * spec.head_dim * 16
+    assert model_flops_per_token(spec, 16) == dense_part + 6.0 * pc.routed_active + attention
+    assert pc.routed_active * spec.moe.experts == pc.routed_experts * spec.moe.top_k
+
+
 @pytest.mark.slow
 def test_expert_parallel_layouts_match_single_process(tmp_path: Path) -> None:
-    """4 processes: ep2 over dp4 (ZeRO-3 and ZeRO-0), ep2 with tp2 (+SP), ep2 with pp2 (1F1B),
+    """4 processes: ep2 over dp4 (ZeRO-3, and ZeRO-0 with full recompute: the all-to-alls run
+    again in backward), ep2 with tp2 (+SP), ep2 with pp2 (1F1B),
     and resumes from step 3's DCP checkpoint under the same and another plan, each against
     one process."""
     ref = _reference(_plan(tmp_path, "ref", LLAMA_MOE, 1, tp=1, pp=1, dp=1, micro_batch=2))
@@ -151,8 +163,20 @@ def test_expert_parallel_layouts_match_single_process(tmp_path: Path) -> None:
             opts=dict(checkpoint_dir=ckpt, checkpoint_every=3),
         ),
         dict(
-            name="ep2-dp4-zero0",
-            plan=_plan(tmp_path, "z0", LLAMA_MOE, 4, tp=1, pp=1, dp=4, ep=2, micro_batch=2, zero=0),
+            name="ep2-dp4-zero0-full-recompute",
+            plan=_plan(
+                tmp_path,
+                "z0",
+                LLAMA_MOE,
+                4,
+                tp=1,
+                pp=1,
+                dp=4,
+                ep=2,
+                micro_batch=2,
+                zero=0,
+                recompute="full",
+            ),
         ),
         dict(
             name="ep2-tp2-sp",
