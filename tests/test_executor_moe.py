@@ -380,3 +380,32 @@ def test_memcheck_runs_an_ep2_plan_on_fake_tensors(tmp_path: Path) -> None:
     with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
         real, fake = pool.submit(_memcheck_real_and_fake, str(plan)).result(timeout=600)
     assert real > 0 and abs(fake - real) <= 0.001 * real, (real, fake)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_profiler_times_the_moe_block_at_balanced_routing(tp: int) -> None:
+    """The profile's transformer_block of an MoE model is its MoE block (block 1 here; block 0
+    is dense) at the tp shard, every expert running T*k/E rows."""
+    from planner.profile import BlockKind
+    from planner.specs import Dtype
+    from profiler.compute import ComputeCase, ComputeSettings, build_block, measure_case
+
+    case = ComputeCase(block=BlockKind.TRANSFORMER_BLOCK, tp=tp, micro_batch=2, recompute="none")
+    block = build_block(LLAMA_MOE, case, torch.device("cpu"), Dtype.FP32)
+    moe = block.feed_forward
+    assert isinstance(moe, MoE) and moe.experts.w1.weight.shape[-1] == 16 // tp
+    seen: list[list[int]] = []
+    moe.experts.register_forward_pre_hook(lambda m, args: seen.append(args[1]))
+    settings = ComputeSettings(
+        tps=(tp,),
+        micro_batches=(2,),
+        seq_len=16,
+        recomputes=("none",),
+        dtype=Dtype.FP32,
+        warmup=0,
+        repeats=1,
+    )
+    record = measure_case(LLAMA_MOE, case, settings, torch.device("cpu"), "cpu")
+    assert record.parameter_bytes == 4 * LLAMA_MOE.tp_shard(tp).param_count().per_block
+    block(torch.randn(2, 16, 32))
+    assert seen[-1] == [16, 16, 16, 16]  # 2*16 tokens * top-2 / 4 experts
