@@ -15,7 +15,8 @@ Shard(0) over ep (and their ffn dim over tp), so initialisation and checkpoints 
 
 Dispatch, per MoE block and micro-batch (T tokens this rank routes, k slots each):
 1. sort the T*k (token, expert) slots by expert and gather their rows: [T*k, h];
-2. exchange per-expert counts (all_to_all_single of E int64), then the rows themselves
+2. exchange per-expert counts (all_to_all_single of E int64; one host sync reads the sent and
+   received counts), then the rows themselves
    (all_to_all_single with input/output splits), so rank e receives every row for its E/ep
    experts, grouped by source rank; regroup them by local expert;
 3. each local expert's MLP on its rows (one GEMM per matrix and expert);
@@ -44,7 +45,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import Placement
 
-from executor.moe import GroupedMLP, MoE, moe_modules
+from executor.moe import GroupedMLP, moe_modules
 
 
 class _AllToAll(torch.autograd.Function):
@@ -196,23 +197,27 @@ def dispatch(
     t, k = ids.shape
     order = ids.flatten().argsort(stable=True)
     rows = tokens[order // k]  # [T*k, h], sorted by expert
-    if balanced:
-        counts = balanced_counts(t * k, num_experts)
-    else:
-        counts = expert_counts(ids, num_experts).tolist()
     if ep == 1:
+        counts = (
+            balanced_counts(t * k, num_experts)
+            if balanced
+            else expert_counts(ids, num_experts).tolist()  # the block's one host sync
+        )
         out_rows = experts(rows, counts)
     else:
         assert ep_group is not None
         n_local = num_experts // ep
-        mine = dist.get_rank(ep_group)
         if balanced:
+            counts = balanced_counts(t * k, num_experts)
+            mine = dist.get_rank(ep_group)
             recv = [counts[mine * n_local : (mine + 1) * n_local]] * ep
         else:
-            sent = torch.tensor(counts, dtype=torch.int64, device=tokens.device)
+            sent = expert_counts(ids, num_experts)
             received = torch.empty_like(sent)
             dist.all_to_all_single(received, sent, group=ep_group)  # E/ep from each source
-            recv = received.view(ep, n_local).tolist()
+            # One host sync for both: the splits must be Python ints.
+            counts, flat_recv = torch.stack((sent, received)).tolist()
+            recv = [flat_recv[r * n_local : (r + 1) * n_local] for r in range(ep)]
         in_splits = [sum(counts[r * n_local : (r + 1) * n_local]) for r in range(ep)]
         out_splits = [sum(row) for row in recv]
         got = _AllToAll.apply(rows, out_splits, in_splits, ep_group)
@@ -339,6 +344,3 @@ def apply_ep(
 def set_aux_grad_scale(model: torch.nn.Module, scale: float) -> None:
     for moe in moe_modules(model):
         moe.aux_grad_scale = scale
-
-
-__all__ = ["MoE", "MoeParallel", "apply_ep", "dispatch", "set_aux_grad_scale"]

@@ -4,7 +4,7 @@ experts and the load-balancing loss.
 Owns: `MoE` (what `TransformerBlock.feed_forward` is for blocks where `spec.moe.is_moe_layer(i)`),
 `GroupedMLP`, the routing rule and `aux_loss`. Does not own: moving tokens between
 expert-parallel ranks (ep.py), the tensor-parallel sharding of these parameters (ep.py
-`shard_moe`), or when the auxiliary gradient is scaled (parallelize.py sets `aux_grad_scale`).
+`apply_ep`), or when the auxiliary gradient is scaled (parallelize.py sets `aux_grad_scale`).
 
 Routing (token choice, Shazeer et al. 2017 Sec. 2.1; Mixtral, Jiang et al. 2024 Sec. 2.1):
 logits = x W_r (bias-free, h x experts), p = softmax(logits) in fp32, the top_k experts per
@@ -29,11 +29,16 @@ GELU: w2(gelu(x w1))), with biases when `spec.bias`. Shared experts (DeepSeekMoE
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from planner.specs import MlpKind, ModelSpec
+
+if TYPE_CHECKING:
+    from executor.ep import MoeParallel
 
 AUX_LOSS_COEF = 0.01  # alpha of Switch Transformer (Fedus et al. 2021, Sec. 2.2: alpha = 10^-2)
 
@@ -84,23 +89,22 @@ class GroupedMLP(nn.Module):
         self.w1 = GroupedLinear(n, h, ffn, bias=b)
         self.w2 = GroupedLinear(n, ffn, h, bias=b)
         self.w3 = GroupedLinear(n, h, ffn, bias=b) if self.swiglu else None
-        self.bias_scale = 1.0  # set by ep.shard_moe under tensor parallelism
+        self.bias_scale = 1.0  # set by ep.apply_ep under tensor parallelism
+
+    @staticmethod
+    def _linear(m: GroupedLinear, x: torch.Tensor, j: int, bias_scale: float = 1.0) -> torch.Tensor:
+        y = x @ local(m.weight)[j]
+        if m.bias is None:
+            return y
+        bias = local(m.bias)[j]
+        return y + (bias if bias_scale == 1.0 else _ScaleForward.apply(bias, bias_scale))
 
     def _one(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        def lin(m: GroupedLinear, inp: torch.Tensor, out_bias_scale: float = 1.0) -> torch.Tensor:
-            y = inp @ local(m.weight)[j]
-            if m.bias is not None:
-                bias = local(m.bias)[j]
-                y = y + (
-                    bias if out_bias_scale == 1.0 else _ScaleForward.apply(bias, out_bias_scale)
-                )
-            return y
-
         if self.w3 is not None:
-            hidden = F.silu(lin(self.w1, x)) * lin(self.w3, x)
+            hidden = F.silu(self._linear(self.w1, x, j)) * self._linear(self.w3, x, j)
         else:
-            hidden = F.gelu(lin(self.w1, x), approximate="tanh")
-        return lin(self.w2, hidden, self.bias_scale)
+            hidden = F.gelu(self._linear(self.w1, x, j), approximate="tanh")
+        return self._linear(self.w2, hidden, j, self.bias_scale)
 
     @property
     def local_count(self) -> int:
@@ -182,7 +186,7 @@ class MoE(nn.Module):
         # Gradient the auxiliary loss gets per micro-batch: 1/m where train.py divides the
         # loss by m, 1 under pipelining (the schedule divides every gradient by m).
         self.aux_grad_scale = 1.0
-        self.parallel: object | None = None  # ep.MoeParallel, set by ep.apply_ep
+        self.parallel: MoeParallel | None = None  # set by ep.apply_ep
         self._aux_values: list[torch.Tensor] = []
 
     def pop_aux_losses(self) -> list[torch.Tensor]:
@@ -193,7 +197,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from executor.ep import MoeParallel
 
-        par = self.parallel if isinstance(self.parallel, MoeParallel) else MoeParallel.single()
+        par = self.parallel or MoeParallel.single()
         full = par.enter(x)  # [mb, seq, h], the full sequence on every tensor-parallel rank
         tokens = full.reshape(-1, full.shape[-1])
         # The router sees the same tokens on every tp rank: its gradient is complete on each,
