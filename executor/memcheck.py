@@ -17,6 +17,10 @@ Peaks: the last of `steps` training steps is measured (the first allocates the o
 and FSDP's buffers lazily). With pp = 1 only min(m, 3) micro-batches run: the first, one middle
 and the last differ (gradient allocation, accumulation, synchronisation); the middle ones repeat
 exactly. With pp > 1 see `_micro_batch_points`.
+
+Mixture-of-Experts plans run with balanced routing (`balance_routing`): every expert gets
+T*k/E rows and every all-to-all moves equal shares, since fake tensors carry no router values.
+Models whose blocks are not all MoE blocks run at their real depth (no layer extrapolation).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from torch.distributed._tools.common_utils import get_untyped_storages
 from torch.distributed.fsdp import FSDPModule
 
+from executor.ep import MoeParallel
 from executor.fake_dist import (
     Kind,
     Label,
@@ -48,6 +53,7 @@ from executor.fake_dist import (
     targets_cuda,
 )
 from executor.mesh import build_mesh
+from executor.moe import moe_modules
 from executor.parallelize import ParallelModel, parallelize
 from executor.pp import local_chunks
 from executor.train import _local_step
@@ -182,6 +188,7 @@ def measure_rank(
         with MetaKeepingFakeMode() if fake else contextlib.nullcontext():
             torch.manual_seed(0)
             model = parallelize(plan, mesh, rt, seed=0)
+            balance_routing(model)
             static_pipeline_metadata(model, plan, rt)
             optimizers, notes = build_optimizers(model, rt.target_cuda)
             batch = _batch(plan, model)
@@ -215,6 +222,17 @@ def measure_rank(
         micro_batches_run=batch[2],
         notes=notes,
     )
+
+
+def balance_routing(model: ParallelModel) -> None:
+    """Size every MoE block's expert batches and all-to-all exchanges as for perfectly even
+    routing (T*k/E rows per expert): fake tensors have no router values to count, and the fake
+    process group answers the count exchange with nothing. The peak is then the balanced
+    routing's; an imbalanced step holds more rows on its busiest expert's rank."""
+    for module in model.modules:
+        for moe in moe_modules(module):
+            if isinstance(moe.parallel, MoeParallel):
+                moe.parallel = replace(moe.parallel, balanced_routing=True)
 
 
 def _variant(plan: Plan, pp_rank: int, counts: dict[int, int] | None, m: int) -> Plan:
@@ -333,7 +351,9 @@ def measure_stage(plan: Plan, pp_rank: int, *, steps: int, exact: bool) -> Stage
     takes the largest."""
     t0 = time.perf_counter()
     counts = {s.chunk: s.end_layer - s.first_layer for s in local_chunks(plan, pp_rank)}
-    layered = _layer_plan(counts, exact)
+    # Fewer blocks would change which of them are MoE blocks unless every block is one.
+    mixed = plan.model.moe is not None and not plan.model.moe.uniform
+    layered = _layer_plan(counts, exact or mixed)
     points = _micro_batch_points(plan, exact)
     rows, runs = [], []
     for m in points:

@@ -1,6 +1,10 @@
 """The device mesh of a plan: (pp, dp, cp, tp) with the plan's rank map, not torchrun's order.
 
 Owns: `MeshInfo` (the mesh plus this process's coordinate) and `build_mesh`.
+With expert parallelism (ep > 1) the root mesh is (pp, edp, ep, tp): the dp axis split as
+d = d_outer * ep + e (planner/parallel.py), the same ranks as (pp, dp, tp); "dp" is then the
+flattened (edp, ep) mesh, "ep" the expert-parallel groups and "edp" the expert-data-parallel
+groups (dp/ep ranks holding the same experts).
 Does not own: the rank map itself (the planner's `Plan.ranks`), or process-group start-up
 (train.py).
 
@@ -22,7 +26,7 @@ LOCAL_RANK, i.e. the physical GPU, not by the process-group rank).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,6 +34,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from planner.parallel import MESH_ORDER, MeshAxis
 from planner.plan import Plan
+
+EP_DIM = "ep"  # expert-parallel sub-axis of dp (inner)
+EDP_DIM = "edp"  # expert-data-parallel sub-axis of dp (outer)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +54,9 @@ class MeshInfo:
     cp_rank: int = 0
     # dp x cp flattened (cp > 1): the group gradients are averaged over and ZeRO shards over
     dp_cp_mesh: DeviceMesh | None = None
+    ep: int = 1
+    # Meshes kept apart from the root's dims: "dp" when the root splits it into (edp, ep).
+    flattened: Mapping[str, DeviceMesh] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pp * self.dp * self.cp * self.tp != self.mesh.size():
@@ -56,14 +66,31 @@ class MeshInfo:
             )
 
     def sub(self, axis: MeshAxis) -> DeviceMesh:
-        return self.mesh[axis.value]
+        flat = self.flattened.get(axis.value)
+        return flat if flat is not None else self.mesh[axis.value]
 
     def data_parallel_mesh(self) -> DeviceMesh:
         """The mesh data parallelism runs on: dp, or dp x cp flattened when cp > 1."""
         return self.dp_cp_mesh if self.dp_cp_mesh is not None else self.sub(MeshAxis.DP)
 
     def group(self, axis: MeshAxis) -> dist.ProcessGroup:
-        return self.mesh.get_group(axis.value)
+        return self.sub(axis).get_group()
+
+    @property
+    def ep_mesh(self) -> DeviceMesh | None:
+        return self.mesh[EP_DIM] if self.ep > 1 else None
+
+    @property
+    def expert_dp_mesh(self) -> DeviceMesh:
+        """The ranks holding the same experts: edp (dp/ep of them) with ep > 1, else dp."""
+        return self.mesh[EDP_DIM] if self.ep > 1 else self.sub(MeshAxis.DP)
+
+    @property
+    def expert_mesh(self) -> DeviceMesh | None:
+        """The mesh routed-expert parameters are DTensors on: (ep, tp), ep, tp, or none."""
+        if self.ep > 1:
+            return self.mesh[EP_DIM, MeshAxis.TP.value] if self.tp > 1 else self.mesh[EP_DIM]
+        return self.sub(MeshAxis.TP) if self.tp > 1 else None
 
 
 def process_gpu_id(plan: Plan, env: Mapping[str, str]) -> int:
@@ -110,11 +137,21 @@ def build_mesh(plan: Plan, device_type: str) -> MeshInfo:
             f"the plan needs {cfg.degrees_text()} = {cfg.world_size} processes; "
             f"{world} were started"
         )
-    axes = [a for a in MESH_ORDER if a is not MeshAxis.CP or cfg.cp > 1]
-    sizes = {MeshAxis.PP: cfg.pp, MeshAxis.DP: cfg.dp, MeshAxis.CP: cfg.cp, MeshAxis.TP: cfg.tp}
-    layout = torch.arange(world, dtype=torch.int64).reshape(*(sizes[a] for a in axes))
-    mesh = DeviceMesh(device_type, layout, mesh_dim_names=tuple(a.value for a in axes))
-    dp_cp = mesh["dp", "cp"]._flatten("dp_cp") if cfg.cp > 1 else None
+    flattened: dict[str, DeviceMesh] = {}
+    dp_cp = None
+    if cfg.ep > 1:  # cp == 1 (planner/parallel.py refuses ep with cp)
+        layout = torch.arange(world, dtype=torch.int64).reshape(
+            cfg.pp, cfg.dp // cfg.ep, cfg.ep, cfg.tp
+        )
+        names = (MeshAxis.PP.value, EDP_DIM, EP_DIM, MeshAxis.TP.value)
+        mesh = DeviceMesh(device_type, layout, mesh_dim_names=names)
+        flattened[MeshAxis.DP.value] = mesh[EDP_DIM, EP_DIM]._flatten(MeshAxis.DP.value)
+    else:
+        axes = [a for a in MESH_ORDER if a is not MeshAxis.CP or cfg.cp > 1]
+        sizes = {MeshAxis.PP: cfg.pp, MeshAxis.DP: cfg.dp, MeshAxis.CP: cfg.cp, MeshAxis.TP: cfg.tp}
+        layout = torch.arange(world, dtype=torch.int64).reshape(*(sizes[a] for a in axes))
+        mesh = DeviceMesh(device_type, layout, mesh_dim_names=tuple(a.value for a in axes))
+        dp_cp = mesh["dp", "cp"]._flatten("dp_cp") if cfg.cp > 1 else None
     mesh_rank = dist.get_rank()
     entry = next(e for e in plan.ranks if e.rank == mesh_rank)
     return MeshInfo(
@@ -128,4 +165,6 @@ def build_mesh(plan: Plan, device_type: str) -> MeshInfo:
         cp=cfg.cp,
         cp_rank=entry.cp,
         dp_cp_mesh=dp_cp,
+        ep=cfg.ep,
+        flattened=flattened,
     )

@@ -21,12 +21,13 @@ def model_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
 
     PaLM (Chowdhery et al. 2022, Appendix B), as in nanoGPT's `estimate_mfu`: 6 FLOPs per
     matmul parameter per token (forward 2, backward 4) plus the attention score/value matmuls.
-    N_matmul counts the blocks and the LM head matrix (a tied head still multiplies) and leaves
+    N_matmul counts the blocks (of an MoE block the router, shared and top_k routed experts) and the LM head matrix (a tied head still multiplies) and leaves
     out the embedding and position tables, which are lookups. Recomputation is not counted
     (MFU, not hardware FLOPs utilisation).
     """
     pc = spec.param_count()
-    n_matmul = pc.blocks + spec.vocab * spec.hidden
+    # MoE: a token multiplies its top_k routed experts only (ParamCount.routed_active).
+    n_matmul = pc.blocks - pc.routed_experts + pc.routed_active + spec.vocab * spec.hidden
     return 6.0 * n_matmul + 12.0 * spec.layers * spec.heads * spec.head_dim * seq_len
 
 
@@ -49,6 +50,9 @@ class StepMetrics:
     peak_memory_bytes: int
     tokens: int
     lr: float
+    # MoE: the load-balancing losses summed over layers, mean over micro-batches and dp ranks
+    # (executor/moe.py); already part of the gradient, not of `loss`. None for dense models.
+    aux_loss: float | None = None
 
 
 class MetricsLog:
@@ -71,6 +75,7 @@ class MetricsLog:
         self.console.print(
             f"[bold]step {m.step}[/]  loss [cyan]{m.loss:.5f}[/]  {m.step_time_s:.3f} s  "
             f"{m.tokens_per_s:,.0f} tok/s  mfu {100 * m.mfu:.2f}%  "
-            f"peak mem {m.peak_memory_bytes / 2**20:,.1f} MiB",
+            f"peak mem {m.peak_memory_bytes / 2**20:,.1f} MiB"
+            + ("" if m.aux_loss is None else f"  aux {m.aux_loss:.5f}"),
             highlight=False,
         )

@@ -3,7 +3,8 @@
 Owns: `Embedding`, `TransformerBlock`, `HeadAndLoss`, `Transformer` and `init_weights`, all built
 from the planner's `ModelSpec` so that `Transformer(spec)` has exactly
 `spec.param_count().total` parameters.
-Does not own: any parallelism (tp.py, pp.py, dp.py), activation checkpointing policy
+The feed-forward of an MoE layer (`spec.moe.is_moe_layer(i)`) is `executor.moe.MoE`.
+Does not own: any parallelism (tp.py, pp.py, dp.py, ep.py), activation checkpointing policy
 (activation_checkpoint.py sets `TransformerBlock.recompute`), or the training loop.
 
 Layout follows torchtitan/nanoGPT: pre-norm blocks, separate q/k/v/o projections named
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from executor.moe import MoE
 from executor.support import check_buildable
 from planner.parallel import Recompute
 from planner.specs import MlpKind, ModelSpec, NormKind, PositionKind
@@ -154,7 +156,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = _norm(spec)
         self.attention = Attention(spec)
         self.ffn_norm = _norm(spec)
-        self.feed_forward = FeedForward(spec)
+        moe = spec.moe is not None and spec.moe.is_moe_layer(layer_id)
+        self.feed_forward: nn.Module = MoE(spec) if moe else FeedForward(spec)
         # Set by activation_checkpoint.apply_ac; FULL keeps only the block input for backward.
         self.recompute = Recompute.NONE
 

@@ -6,7 +6,8 @@ dp.py, activation_checkpoint.py) or the loop (train.py).
 Fixed order, each step on every local chunk (torchtitan's order):
 1. build the full `Transformer` on the meta device and prune it to the chunk (pp.py),
    so a rank only ever allocates its own stages;
-2. tensor parallel (tp.py), still on meta;
+2. tensor parallel (tp.py), then the MoE blocks' expert-parallel/tensor-parallel sharding
+   (ep.py), still on meta;
 3. materialise on the device and initialise from (seed, parameter name) (model.init_weights),
    so values are identical for any layout;
 4. activation checkpointing per the plan's recompute mode (activation_checkpoint.py), and with
@@ -31,6 +32,7 @@ from executor.activation_checkpoint import apply_ac
 from executor.cp import ContextParallel, apply_cp
 from executor.device import Runtime
 from executor.dp import apply_dp
+from executor.ep import apply_ep, set_aux_grad_scale
 from executor.fp8 import apply_fp8
 from executor.mesh import MeshInfo
 from executor.model import Transformer, init_weights, loss_fn
@@ -77,6 +79,8 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
             model = prune_to_chunk(Transformer(plan.model, tie_embeddings=tie), stage)
         if cfg.tp > 1:
             apply_tp(model, mesh.sub(MeshAxis.TP), sequence_parallel=cfg.sequence_parallel)
+        if plan.model.moe is not None:
+            _apply_moe(model, plan, mesh)
         model.to_empty(device=runtime.device)
         model.tie_weights()
         init_weights(model, seed)
@@ -92,6 +96,7 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
                 mesh.data_parallel_mesh(),
                 zero=cfg.zero,
                 param_dtype=runtime.compute_dtype,
+                expert_dp_mesh=mesh.expert_dp_mesh if cfg.ep > 1 else None,
             )
         chunks.append((stage, model))
     schedule = None
@@ -103,3 +108,20 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
         has_embedding=any(s.has_embedding for s, _ in chunks),
         has_head=any(s.has_head for s, _ in chunks),
     )
+
+
+def _apply_moe(model: Transformer, plan: Plan, mesh: MeshInfo) -> None:
+    """Shard the chunk's MoE blocks (ep.py) and set the auxiliary loss's gradient per
+    micro-batch to match the LM loss's: train.py divides that by m without pipelining, the
+    pipeline schedule divides every gradient by m (`scale_grads`)."""
+    cfg = plan.config
+    apply_ep(
+        model,
+        ep=cfg.ep,
+        ep_mesh=mesh.ep_mesh,
+        tp=cfg.tp,
+        tp_mesh=mesh.sub(MeshAxis.TP) if cfg.tp > 1 else None,
+        expert_mesh=mesh.expert_mesh,
+        sequence_parallel=cfg.sequence_parallel,
+    )
+    set_aux_grad_scale(model, 1.0 if cfg.pp > 1 else 1.0 / plan.num_micro_batches)

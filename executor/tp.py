@@ -34,6 +34,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from executor.model import Transformer, TransformerBlock
+from executor.moe import MoE
 
 
 def loss_context(tp: int) -> contextlib.AbstractContextManager[object]:
@@ -66,12 +67,16 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, sequence_parallel: bool
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=stream),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
         }
-        if block.feed_forward.w3 is not None:
-            plan["feed_forward.w3"] = ColwiseParallel()
+        # An MoE feed-forward shards itself and takes this rank's plain tensor (ep.py).
+        moe = isinstance(block.feed_forward, MoE)
+        if not moe:
+            plan["feed_forward.w1"] = ColwiseParallel()
+            plan["feed_forward.w2"] = RowwiseParallel(output_layouts=stream)
+            if block.feed_forward.w3 is not None:
+                plan["feed_forward.w3"] = ColwiseParallel()
         if sp:
+            ffn_input = Shard(1) if moe else Replicate()
             plan |= {
                 "attention_norm": SequenceParallel(),
                 "attention": PrepareModuleInput(
@@ -79,7 +84,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, *, sequence_parallel: bool
                 ),
                 "ffn_norm": SequenceParallel(),
                 "feed_forward": PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                    input_layouts=(Shard(1),),
+                    desired_input_layouts=(ffn_input,),
+                    use_local_output=moe,
                 ),
             }
         parallelize_module(block, tp_mesh, plan)

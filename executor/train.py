@@ -34,6 +34,7 @@ from executor.metrics import (
     model_flops_per_token,
 )
 from executor.model import loss_fn
+from executor.moe import moe_modules
 from executor.parallelize import ParallelModel, context_parallel, parallelize
 from executor.tp import loss_context
 from planner.errors import ConfigError, MeshplanError, SpecError
@@ -109,6 +110,24 @@ def _global_loss(
     return float(value)
 
 
+def _global_aux_loss(
+    model: ParallelModel, plan: Plan, tp_rank: int, device: torch.device
+) -> float | None:
+    """The MoE load-balancing loss of the step (summed over layers, mean over micro-batches and
+    dp ranks), known to every rank; None for a dense model. The last m values per layer are
+    the step's: pipelining's metadata inference runs one extra forward in the first step."""
+    if plan.model.moe is None:
+        return None
+    m, total = plan.num_micro_batches, 0.0
+    for module in model.modules:
+        for moe in moe_modules(module):
+            values = moe.pop_aux_losses()[-m:]
+            total += float(torch.stack(values).mean()) if values else 0.0
+    value = torch.tensor(total if tp_rank == 0 else 0.0, device=device) / plan.config.dp
+    dist.all_reduce(value)
+    return float(value)
+
+
 def train(plan: Plan, opts: TrainOptions) -> list[float]:
     """Run `opts.steps` optimizer steps (from the checkpoint with --resume); return every
     step's loss. The default process group must be running with the plan's world size."""
@@ -157,6 +176,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         for opt in optimizers:
             opt.step()
         loss = _global_loss(local, plan, mesh.tp_rank, rt.device)
+        aux = _global_aux_loss(model, plan, mesh.tp_rank, rt.device)
         rt.synchronize()
         dt = time.perf_counter() - t0
         losses.append(loss)
@@ -172,6 +192,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
                 peak_memory_bytes=int(mem),
                 tokens=tokens,
                 lr=opts.lr,
+                aux_loss=aux,
             )
         )
         done = step + 1

@@ -11,6 +11,14 @@ against micro-batch size (the planner does that when it looks a size up).
 What a record means is fixed by planner/profile.py: per call of one block on one device for one
 micro-batch; TP collectives are not in the block (they are priced from link measurements);
 `backward_s` includes the recompute forward under checkpointing.
+
+Mixture-of-Experts models: the `transformer_block` record is the executor's MoE block (the
+first MoE layer's, also for models whose first blocks are dense) with all E experts on the
+device (ep = 1) and balanced routing (`ep.MoeParallel.balanced_routing`): every expert runs
+T*k/E rows (T = micro_batch * seq_len tokens), the shapes a plan's balanced step has and the
+same expert FLOPs per rank as at any ep (there an ep rank runs T*k rows over E/ep experts).
+A random router would give a random imbalance instead. The all-to-all is not in the block
+(priced from link measurements, like TP collectives).
 """
 
 from __future__ import annotations
@@ -88,6 +96,21 @@ def _apply_recompute(block: nn.Module, mode: Recompute) -> nn.Module:
     return block if wrapped is None else wrapped
 
 
+def profiled_layer(spec: ModelSpec) -> int:
+    """The block index whose block is timed: an MoE model's first MoE block, else block 0."""
+    moe = spec.moe
+    return next(i for i in range(spec.layers) if moe.is_moe_layer(i)) if moe is not None else 0
+
+
+def _balance_routing(module: nn.Module) -> None:
+    from executor.ep import MoeParallel
+    from executor.moe import moe_modules
+
+    for moe in moe_modules(module):
+        par = moe.parallel if isinstance(moe.parallel, MoeParallel) else MoeParallel.single()
+        moe.parallel = replace(par, balanced_routing=True)
+
+
 def build_block(
     spec: ModelSpec, case: ComputeCase, device: torch.device, dtype: Dtype
 ) -> nn.Module:
@@ -101,9 +124,10 @@ def build_block(
         elif case.block is BlockKind.HEAD_AND_LOSS:
             module = model.HeadAndLoss(shard)
         else:
-            module = model.TransformerBlock(shard, 0)
+            module = model.TransformerBlock(shard, profiled_layer(spec))
     module = module.to(dtype=dev.TORCH_DTYPES[dtype])
     if case.block is BlockKind.TRANSFORMER_BLOCK:
+        _balance_routing(module)
         module = _apply_recompute(module, case.recompute)
     return module.train()
 
@@ -116,6 +140,7 @@ def build_tp_block(
     only this part; it takes and returns plain tensors (the head returns vocab-sharded
     DTensor logits, whose loss runs under `loss_parallel`)."""
     from executor import model
+    from executor.ep import apply_ep
     from executor.tp import apply_tp
 
     with torch.device("meta"):
@@ -124,10 +149,22 @@ def build_tp_block(
         full.embed = None
     if case.block is not BlockKind.HEAD_AND_LOSS:
         full.head = None
+    layer = str(profiled_layer(spec))
     for key in list(full.layers.keys()):
-        if case.block is not BlockKind.TRANSFORMER_BLOCK or key != "0":
+        if case.block is not BlockKind.TRANSFORMER_BLOCK or key != layer:
             del full.layers[key]
     apply_tp(full, tp_mesh, sequence_parallel=False)  # type: ignore[arg-type]
+    if spec.moe is not None:
+        apply_ep(
+            full,
+            ep=1,
+            ep_mesh=None,
+            tp=case.tp,
+            tp_mesh=tp_mesh,  # type: ignore[arg-type]
+            expert_mesh=tp_mesh,  # type: ignore[arg-type]
+            sequence_parallel=False,
+        )
+        _balance_routing(full)
     full.to_empty(device=device)
     model.init_weights(full, 0)
     full = full.to(dtype=dev.TORCH_DTYPES[dtype])
@@ -137,7 +174,7 @@ def build_tp_block(
     elif case.block is BlockKind.HEAD_AND_LOSS:
         part = full.head  # type: ignore[assignment]
     else:
-        part = _apply_recompute(full.layers["0"], case.recompute)
+        part = _apply_recompute(full.layers[layer], case.recompute)
     return part.train()
 
 
