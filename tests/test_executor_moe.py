@@ -30,7 +30,6 @@ from test_e2e_quickstart import _free_port
 from test_executor_parallel import SPAWN_TIMEOUT_S, _max_diff, _plan, _reference, _report, _spawn
 from torch.distributed.tensor import DTensor
 
-import presets
 from executor.data import local_batch, make_source
 from executor.device import make_runtime
 from executor.mesh import build_mesh, init_distributed
@@ -38,9 +37,8 @@ from executor.model import Transformer, TransformerBlock, canonical_name, init_w
 from executor.moe import AUX_LOSS_COEF, MoE, aux_loss, route
 from executor.parallelize import parallelize
 from executor.train import _local_step
-from planner.parallel import ParallelConfig
-from planner.plan import Plan, build_plan, load_plan, save_plan
-from planner.specs import Dtype, MoeSpec, TrainingSpec
+from planner.plan import Plan, load_plan
+from planner.specs import Dtype, MoeSpec
 
 # 4 experts of top-2 with a shared expert and Qwen2-MoE's gate; block 0 dense (dense-first).
 MOE = MoeSpec(
@@ -318,21 +316,27 @@ def _spawn_grads(world: int, plans: list[str], out: str) -> None:
 
 @pytest.mark.slow
 def test_ep2_plan_emitted_and_run_trains(tmp_path: Path) -> None:
-    """An ep=2 plan (dp=4, ZeRO-2; built directly, the ep search is the planner's) written to
-    plan.json, `meshplan emit` and the emitted launch/node0.sh run as the quick start runs it
+    """`meshplan plan --fix ep=2` of a tiny MoE on 4 CPU workers writes plan.json with ep=2,
+    `meshplan emit` and the emitted launch/node0.sh run it as the quick start runs it
     (torchrun -> `python -m executor.train --plan plan.json`, 4 processes): the loss falls and
     the load-balancing loss is logged."""
-    cpu = presets.load_cluster("cpu-2")
-    cluster = replace(cpu, name="cpu-4", nodes=(replace(cpu.nodes[0], gpus=4),))
-    plan = build_plan(
-        model=GPT_MOE,
-        training=TrainingSpec(global_batch=8, seq_len=16, dtype=Dtype.FP32),
-        cluster=cluster,
-        config=ParallelConfig(tp=1, pp=1, dp=4, ep=2, micro_batch=2, zero=2),
-        prediction={},
-        source="analytic",
+    (tmp_path / "moe.yaml").write_text(
+        "{family: gpt, layers: 2, hidden: 64, heads: 4, ffn_hidden: 256, vocab: 512,"
+        " max_seq_len: 128, moe: {experts: 4, top_k: 1, expert_ffn_hidden: 16}}\n"
     )
-    save_plan(plan, tmp_path / "plan.json")
+    (tmp_path / "cluster.yaml").write_text(
+        "name: cpu-4\nnode_types:\n  w4:\n    gpu: cpu-worker\n    gpus: 4\n"
+        "    intra_link: {name: loopback, bandwidth_gb_per_s: 2, latency_us: 30}\n"
+        "    nic: {name: tcp, bandwidth_gb_per_s: 1, latency_us: 50}\n"
+        "nodes:\n  - {type: w4}\n"
+    )
+    planned = subprocess.run(
+        [sys.executable, "-m", "cli", "plan", "--model", "moe.yaml", "--cluster", "cluster.yaml",
+         "--global-batch", "8", "--seq-len", "16", "--dtype", "fp32",
+         "--fix", "ep=2,tp=1,pp=1,micro_batch=2,zero=2", "--out", "plan.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr[-2000:]
     assert json.loads((tmp_path / "plan.json").read_text())["config"]["ep"] == 2
     emit = subprocess.run(
         [sys.executable, "-m", "cli", "emit", "plan.json", "--out", "launch", "--steps", "8"],
@@ -387,7 +391,6 @@ def test_profiler_times_the_moe_block_at_balanced_routing(tp: int) -> None:
     """The profile's transformer_block of an MoE model is its MoE block (block 1 here; block 0
     is dense) at the tp shard, every expert running T*k/E rows."""
     from planner.profile import BlockKind
-    from planner.specs import Dtype
     from profiler.compute import ComputeCase, ComputeSettings, build_block, measure_case
 
     case = ComputeCase(block=BlockKind.TRANSFORMER_BLOCK, tp=tp, micro_batch=2, recompute="none")
