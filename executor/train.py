@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from executor.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from executor.checkpoint import load_checkpoint, save_checkpoint
+from executor.checkpoint_dir import latest_step
 from executor.data import local_batch, make_source
 from executor.device import Runtime, make_runtime
+from executor.faults import maybe_exit
 from executor.mesh import build_mesh, init_distributed, process_gpu_id
 from executor.metrics import (
     MetricsLog,
@@ -128,7 +130,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         and opts.checkpoint_dir
         and (last := latest_step(opts.checkpoint_dir)) is not None
     ):
-        start = load_checkpoint(opts.checkpoint_dir, last, model, optimizers)
+        start = load_checkpoint(opts.checkpoint_dir, last, model, optimizers, plan)
     t = plan.training
     source = make_source(
         opts.data, vocab=plan.model.vocab, seq_len=t.seq_len, batch=t.global_batch, seed=opts.seed
@@ -150,6 +152,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         local = _local_step(
             model, inputs, targets, plan.num_micro_batches, plan.config.tp, plan.config.zero, rt
         )
+        maybe_exit(dist.get_rank(), step + 1)
         for opt in optimizers:
             opt.step()
         loss = _global_loss(local, plan, mesh.tp_rank, rt.device)
@@ -172,7 +175,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         )
         done = step + 1
         if opts.checkpoint_dir and opts.checkpoint_every and done % opts.checkpoint_every == 0:
-            save_checkpoint(opts.checkpoint_dir, done, model, optimizers)
+            save_checkpoint(opts.checkpoint_dir, done, model, optimizers, plan)
     return losses
 
 
