@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
+import json
 import re
 import shlex
 from collections.abc import Iterable, Mapping
@@ -45,6 +46,10 @@ PLAN_PART_BYTES = 128 * 1024
 PARTS_MOUNT = "/etc/meshplan"
 UNPACK_DIR = "/tmp/meshplan"
 CHECKPOINT_MOUNT = "/checkpoints"
+# Checkpoints of node<i>.sh and job.sbatch without --checkpoint-dir: beside plan.json.
+DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"
+LAUNCH_RECORD = "launch.json"
+LAUNCH_RECORD_FORMAT = 1
 _HOOK_KEY = "meshplan-hook-"
 
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
@@ -70,12 +75,28 @@ class EmitOptions:
     metrics: str | None = None
     checkpoint_pvc: str = "meshplan-checkpoints"
     checkpoint_every: int = 100
+    # Host path of node<i>.sh's and job.sbatch's checkpoints (None: `checkpoints/` beside
+    # plan.json); the pods' is /checkpoints/<checkpoint_name> on the claim (None: meshplan-<plan id>).
+    checkpoint_dir: str | None = None
+    checkpoint_name: str | None = None
+    # torchrun's worker restarts, and the PyTorchJob's pod restarts (runPolicy.backoffLimit).
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise SpecError(f"--steps={self.steps} must be >= 1")
         if self.checkpoint_every < 1:
             raise SpecError(f"--checkpoint-every={self.checkpoint_every} must be >= 1")
+        if self.max_restarts < 0:
+            raise SpecError(f"--max-restarts={self.max_restarts} must be >= 0")
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
+            raise SpecError("--checkpoint-dir must be a non-empty path")
+        name = self.checkpoint_name
+        if name is not None and (len(name) > 253 or not _K8S_NAME.fullmatch(name)):
+            raise SpecError(
+                f"--checkpoint-name={name!r} must be lower-case letters, digits, '-' and '.' "
+                "(a directory on the checkpoint claim), at most 253 characters"
+            )
         if self.rdzv_endpoint is not None:
             _check_endpoint(self.rdzv_endpoint)
         _check_image(self.container)
@@ -211,6 +232,26 @@ def _torchrun(job: _Job, endpoint: str, rdzv_id: str, node_rank: str) -> list[st
         "--rdzv-backend=c10d",
         _Sh(f"--rdzv-endpoint={endpoint}"),
         _Sh(f"--rdzv-id={rdzv_id}"),
+        f"--max-restarts={job.opts.max_restarts}",
+    ]
+
+
+def _resume_args(job: _Job, checkpoint_dir: str) -> list[str]:
+    """Checkpoint every N steps and continue from the newest complete one on every start."""
+    every = str(job.opts.checkpoint_every)
+    return ["--checkpoint-dir", _Sh(checkpoint_dir), "--checkpoint-every", every, "--resume"]
+
+
+def _checkpoint_lines(job: _Job, plan_dir: str) -> list[str]:
+    """CHECKPOINT_DIR: $MESHPLAN_CHECKPOINT_DIR, else --checkpoint-dir, else beside plan.json
+    (`plan_dir` is a shell expression, used inside double quotes)."""
+    given = job.opts.checkpoint_dir
+    default = (
+        shlex.quote(given) if given is not None else f'"{plan_dir}/{DEFAULT_CHECKPOINT_SUBDIR}"'
+    )
+    return [
+        f"DEFAULT_CHECKPOINT_DIR={default}",
+        'CHECKPOINT_DIR="${MESHPLAN_CHECKPOINT_DIR:-$DEFAULT_CHECKPOINT_DIR}"',
     ]
 
 
@@ -231,7 +272,8 @@ def node_script(job: _Job, node: int) -> str:
             'or re-emit with --rdzv-endpoint}"'
         )
     cmd = _torchrun(job, '"$RDZV_ENDPOINT"', f"meshplan-{job.pid}", str(node))
-    cmd += _train_args(job, _Sh('"$HERE/plan.json"'))
+    cmd += _train_args(job, _Sh('"$HERE/plan.json"')) + _resume_args(job, '"$CHECKPOINT_DIR"')
+    ckpt = _checkpoint_lines(job, "$HERE")
     return "\n".join(
         [
             "#!/usr/bin/env bash",
@@ -244,6 +286,9 @@ def node_script(job: _Job, node: int) -> str:
             f"export MESHPLAN_NODE_INDEX={node}",
             _omp_line(job),
             endpoint_line,
+            "# Restarts (torchrun --max-restarts, or running this again) resume from the newest",
+            "# complete checkpoint here; after a node loss see `meshplan replan`.",
+            *ckpt,
             f'exec {_join(cmd)} "$@"',
             "",
         ]
@@ -267,8 +312,9 @@ def sbatch_script(job: _Job) -> str:
     endpoint = f'"$HEAD_NODE":{job.opts.rdzv_port}'
     torchrun = _torchrun(job, endpoint, '"$SLURM_JOB_ID"', '"$SLURM_NODEID"')
     inner = "export MESHPLAN_NODE_INDEX=$SLURM_NODEID; exec " + _join(
-        torchrun + _train_args(job, _Sh('"$PLAN"'))
+        torchrun + _train_args(job, _Sh('"$PLAN"')) + _resume_args(job, '"$CHECKPOINT_DIR"')
     )
+    ckpt = _checkpoint_lines(job, '$(dirname "$PLAN")')
     emitted = " the launch directory at emit time," if job.launch_dir else ""
     subdir = job.launch_dir.name if job.launch_dir else "launch"
     srun_cmd = shlex.quote(inner + ' "$@"')
@@ -280,6 +326,10 @@ def sbatch_script(job: _Job) -> str:
             "#SBATCH --ntasks-per-node=1",
             *gpu_line,
             "#SBATCH --exclusive",
+            "# Requeued on a node failure (on other hosts too); every start resumes from the newest",
+            "# complete checkpoint, and the log keeps earlier attempts' output.",
+            "#SBATCH --requeue",
+            "#SBATCH --open-mode=append",
             f"# meshplan plan {job.pid}: {job.layout}; submit with `sbatch job.sbatch [EXECUTOR ARGS]`.",
             "# Slurm starts the job in the directory sbatch ran in: relative paths in the arguments",
             "# (--metrics, --data, --checkpoint-dir) mean that directory.",
@@ -303,7 +353,8 @@ def sbatch_script(job: _Job) -> str:
             "fi",
             "# sed reads every host name; `head -n 1` could kill scontrol with SIGPIPE under pipefail.",
             'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
-            "export PLAN HEAD_NODE",
+            *ckpt,
+            "export PLAN HEAD_NODE CHECKPOINT_DIR",
             _omp_line(job),
             "# SLURM_NODEID follows the allocation's host order, so node i of the plan is the i-th host.",
             f'srun --nodes={job.nodes} --ntasks-per-node=1 bash -c {srun_cmd} meshplan "$@"',
@@ -369,8 +420,9 @@ def _plan_parts(job: _Job) -> list[str]:
 def _pod_script(job: _Job) -> str:
     """Join the parts, check them against the plan's sha256, then start torchrun with resume."""
     plan = f"{UNPACK_DIR}/plan.json"
-    every, ckpt = str(job.opts.checkpoint_every), f"{CHECKPOINT_MOUNT}/meshplan-{job.pid}"
-    train = [*_train_args(job, plan), "--checkpoint-dir", ckpt, "--checkpoint-every", every]
+    every, ckpt = str(job.opts.checkpoint_every), f"{CHECKPOINT_MOUNT}/{_checkpoint_name(job)}"
+    train = [f"--max-restarts={job.opts.max_restarts}", *_train_args(job, plan)]
+    train += ["--checkpoint-dir", ckpt, "--checkpoint-every", every]
     return "\n".join(
         [
             "set -euo pipefail",
@@ -381,6 +433,10 @@ def _pod_script(job: _Job) -> str:
             "",
         ]
     )
+
+
+def _checkpoint_name(job: _Job) -> str:
+    return job.opts.checkpoint_name or f"meshplan-{job.pid}"
 
 
 def _replica(job: _Job, count: int, part_names: list[str]) -> dict:
@@ -438,7 +494,14 @@ def pytorchjob_yaml(job: _Job) -> str:
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
         "metadata": {"name": f"meshplan-{job.pid}"},
-        "spec": {"nprocPerNode": str(job.per_node), "pytorchReplicaSpecs": specs},
+        "spec": {
+            "nprocPerNode": str(job.per_node),
+            # OnFailure pods restart on any failure, a failed torchrun included (it exits 1,
+            # which the ExitCode policy would treat as permanent); the limit stops a plan that
+            # can never start (a bad option, exit 2) from restarting for ever.
+            "runPolicy": {"backoffLimit": job.opts.max_restarts},
+            "pytorchReplicaSpecs": specs,
+        },
     }
     o = job.opts
     header = f"""\
@@ -449,8 +512,9 @@ def pytorchjob_yaml(job: _Job) -> str:
 # plan.json ({len(job.plan_json)} bytes) travels gzipped in {len(parts)} ConfigMap(s) of <= {PLAN_PART_BYTES // 1024} KiB (the limit
 #   is 1 MiB), labelled meshplan/plan={job.pid}; each pod joins them and checks the sha256.
 # Checkpoints: every pod mounts the PersistentVolumeClaim {o.checkpoint_pvc} (create it first,
-#   ReadWriteMany) at {CHECKPOINT_MOUNT}; the executor saves every {o.checkpoint_every} steps there and a
-#   restarted pod resumes from the newest complete checkpoint (--resume).
+#   ReadWriteMany) at {CHECKPOINT_MOUNT}; the executor saves every {o.checkpoint_every} steps to {CHECKPOINT_MOUNT}/{_checkpoint_name(job)} and a
+#   restarted pod resumes from the newest complete checkpoint (--resume); pods restart on failure
+#   (OnFailure) up to {o.max_restarts} times (runPolicy.backoffLimit).
 """
     text = yaml.dump_all(
         [*config_maps, pytorch_job], Dumper=_block_dumper(), sort_keys=False, width=1 << 30
@@ -506,4 +570,31 @@ def render(plan: Plan, opts: EmitOptions, launch_dir: str | Path | None = None) 
     files["pytorchjob.yaml"] = pytorchjob_yaml(job)
     files["plan.json"] = job.plan_json
     files["README.md"] = readme(job)
+    files[LAUNCH_RECORD] = launch_record(job)
     return files
+
+
+def launch_record(job: _Job) -> str:
+    """launch.json: the emit options and where this plan's launchers checkpoint, for
+    `meshplan replan` (which checkpoint a new plan resumes from) and `replan --emit`."""
+    o = job.opts
+    options = {
+        "rdzv_endpoint": o.rdzv_endpoint,
+        "data": o.data,
+        "steps": o.steps,
+        "container": o.container,
+        "metrics": o.metrics,
+        "checkpoint_pvc": o.checkpoint_pvc,
+        "checkpoint_every": o.checkpoint_every,
+        "checkpoint_dir": o.checkpoint_dir,
+        "checkpoint_name": _checkpoint_name(job),
+        "max_restarts": o.max_restarts,
+    }
+    doc = {
+        "format": LAUNCH_RECORD_FORMAT,
+        "plan": job.pid,
+        "options": options,
+        "host_checkpoint_dir": o.checkpoint_dir or DEFAULT_CHECKPOINT_SUBDIR,
+        "pod_checkpoint_dir": f"{CHECKPOINT_MOUNT}/{_checkpoint_name(job)}",
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
