@@ -244,14 +244,16 @@ def _dp_degrees(model: Any, cluster: ClusterSpec, options: SearchOptions) -> set
     for node in cluster.nodes:
         gpn = math.gcd(gpn, node.gpus)
     top = world if "tp" in options.allow else gpn
-    tps = [options.fix["tp"]] if "tp" in options.fix else range(1, top + 1)
+    fix = options.fix
+    tps = [fix["tp"]] if "tp" in fix else [t for t in range(1, top + 1) if top % t == 0]
     out = set()
     for tp in tps:
-        if top % tp or world % tp or model.tp_divisible(tp):
+        if world % tp or model.tp_divisible(tp):
             continue
         rest = world // tp
-        out |= {rest // pp for pp in range(1, min(rest, model.layers) + 1) if rest % pp == 0}
-    return out
+        pps = [fix["pp"]] if "pp" in fix else range(1, min(rest, model.layers) + 1)
+        out |= {rest // pp for pp in pps if rest % pp == 0}
+    return {d for d in out if fix.get("dp", d) == d}
 
 
 def batch_candidates(
