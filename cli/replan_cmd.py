@@ -316,6 +316,12 @@ def register(app: typer.Typer) -> None:
             "--batch-tolerance",
             help="When the global batch no longer divides a layout: compare batches this close.",
         ),
+        change_batch: bool = typer.Option(
+            False,
+            "--change-batch",
+            help="Plan the fastest global batch within --batch-tolerance, even when the old one "
+            "still divides a layout.",
+        ),
         placement_budget_s: float = typer.Option(
             3.0, "--placement-budget-s", help="Time for rank placement on large clusters."
         ),
@@ -360,6 +366,7 @@ def register(app: typer.Typer) -> None:
             options=SearchOptions(top_k=1, allow=parse_allow(allow)),
             placement_budget_s=placement_budget_s,
             batch_tolerance=batch_tolerance,
+            change_batch=change_batch,
         )
         resume = _resume_info(Path(plan), checkpoint_dir, old)
         if out_path is not None:

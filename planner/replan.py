@@ -287,26 +287,28 @@ def training_candidates(
     cluster: ClusterSpec,
     options: SearchOptions,
     tolerance: float = DEFAULT_BATCH_TOLERANCE,
-) -> list[TrainingSpec]:
-    """The training specs to search on the survivors: the old one when some valid layout
-    divides its batch; else every batch within `tolerance` of it that one does (at most
-    MAX_BATCH_SEARCHES, nearest first), or failing that the nearest batch that does."""
-    if enumerate_configs(model, training, cluster, options)[0]:
-        return [training]
+) -> tuple[list[TrainingSpec], bool]:
+    """(other global batches to consider, whether the old batch divides a valid layout).
+
+    The others are the batches within `tolerance` of the old one that divide a valid layout
+    of `cluster` (at most MAX_BATCH_SEARCHES, nearest first); when the old batch divides none
+    and none is that close, the nearest batch that divides one."""
     b = training.global_batch
+    old_ok = bool(enumerate_configs(model, training, cluster, options)[0])
     found: list[TrainingSpec] = []
     for x in batch_candidates(model, training, cluster, options):
-        if len(found) >= MAX_BATCH_SEARCHES or (found and abs(x - b) > tolerance * b):
+        far = abs(x - b) > tolerance * b
+        if len(found) >= MAX_BATCH_SEARCHES or (far and (found or old_ok)):
             break
         t = replace(training, global_batch=x)
         if x != b and enumerate_configs(model, t, cluster, options)[0]:
             found.append(t)
-    if not found:
+    if not old_ok and not found:
         raise NoFeasiblePlan(
             f"no valid layout of the {cluster.num_gpus} surviving GPUs for {model.name} with "
             f"global batch {b} or the {MAX_BATCH_TRIES} nearest batches"
         )
-    return found
+    return found, old_ok
 
 
 def _search_best(
@@ -335,6 +337,25 @@ def _search_best(
     return best
 
 
+def _faster_batch(
+    model: Any,
+    trainings: list[TrainingSpec],
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    profile: Profile | None,
+    kept: Any,
+) -> tuple[int, float] | None:
+    """(batch, fractional gain in tokens/s) of the fastest of `trainings` when it beats `kept`."""
+    if not trainings:
+        return None
+    try:
+        t, result = _search_best(model, trainings, cluster, options, profile)
+    except NoFeasiblePlan:
+        return None
+    rate, old = result.plans[0].estimate.tokens_per_s, kept.plans[0].estimate.tokens_per_s
+    return (t.global_batch, rate / old - 1) if rate > old else None
+
+
 def replan(
     plan: Plan,
     surv: Survivors,
@@ -344,23 +365,49 @@ def replan(
     options: SearchOptions | None = None,
     placement_budget_s: float = DEFAULT_PLACEMENT_BUDGET_S,
     batch_tolerance: float = DEFAULT_BATCH_TOLERANCE,
+    change_batch: bool = False,
 ) -> ReplanResult:
     """Search, place and build the plan of `plan`'s model on `surv.cluster`. `profile` is
     the profile remapped to the survivors (remap_profile), `old_profile` the same profile
-    for the old cluster (to price the old plan with the same numbers)."""
-    base = options or SearchOptions()
+    for the old cluster (to price the old plan with the same numbers). The global batch is
+    kept when it divides a valid layout (a faster batch within `batch_tolerance` is named in
+    a warning; `change_batch` plans the fastest of them instead)."""
+    base = options or SearchOptions(top_k=1)
     options = replace(base, allow=base.allow | _implied_allow(plan.config, plan.cluster))
     model, cluster = plan.model, surv.cluster
-    trainings = training_candidates(model, plan.training, cluster, options, batch_tolerance)
-    training, result = _search_best(model, trainings, cluster, options, profile)
+    others, old_ok = training_candidates(model, plan.training, cluster, options, batch_tolerance)
+    if old_ok:
+        primary = [plan.training, *others] if change_batch else [plan.training]
+        rest = [] if change_batch else others
+    else:
+        primary, rest = others, []
+    training, result = _search_best(model, primary, cluster, options, profile)
     warnings = []
-    if training.global_batch != plan.training.global_batch:
-        tried = ", ".join(str(t.global_batch) for t in trainings)
+    old_b, new_b = plan.training.global_batch, training.global_batch
+    if new_b != old_b:
+        why = "is not the fastest on" if old_ok else "divides no valid layout of"
+        tried = ", ".join(str(t.global_batch) for t in primary)
         warnings.append(
-            f"global batch {plan.training.global_batch} divides no valid layout of the "
-            f"{cluster.num_gpus} surviving GPUs; planned with {training.global_batch} "
-            f"({training.global_batch - plan.training.global_batch:+d} sequences per step; "
-            f"the fastest of {tried}): the learning-rate schedule may need the same change"
+            f"global batch {old_b} {why} the {cluster.num_gpus} surviving GPUs; planned "
+            f"with {new_b} ({new_b - old_b:+d} sequences per step; the fastest of {tried}): "
+            "the learning-rate schedule may need the same change"
+        )
+    # Other batches are searched only when keeping this one scales worse than the lost GPUs
+    # explain (ideal: the old throughput x surviving / old GPUs), within the same tolerance.
+    old_est = estimate(model, plan.training, plan.cluster, plan.config, old_profile)
+    ideal = old_est.tokens_per_s * cluster.num_gpus / plan.cluster.num_gpus
+    scales = result.plans[0].estimate.tokens_per_s >= ideal * (1 - batch_tolerance)
+    same_size = cluster.num_gpus == plan.cluster.num_gpus
+    faster = (
+        None
+        if scales or same_size
+        else _faster_batch(model, rest, cluster, options, profile, result)
+    )
+    if faster is not None:
+        b, gain = faster
+        warnings.append(
+            f"global batch {b} ({b - old_b:+d} sequences) would be predicted {100 * gain:.1f} % "
+            f"faster per token on the survivors than keeping {old_b}; --change-batch plans it"
         )
     planned = place_winner(
         model, training, cluster, result, profile, time_budget_s=placement_budget_s
@@ -375,7 +422,6 @@ def replan(
         source=best.estimate.source,
         profile_sha256=plan.provenance.profile_sha256 if profile is not None else None,
     )
-    old_est = estimate(model, plan.training, plan.cluster, plan.config, old_profile)
     kept = None
     if not surv.lost_nodes and surv.degraded:
         try:
