@@ -70,7 +70,7 @@ def _resume_info(plan_path: Path, given: str | None, plan: Plan) -> _Resume:
     found_in, root = None, None
     if given is not None:
         found_in, root = "--checkpoint-dir", Path(given).resolve()
-    elif record is not None:
+    elif record is not None and isinstance(record.get("host_checkpoint_dir"), str):
         found_in = "launch.json"
         root = (plan_path.parent / record["host_checkpoint_dir"]).resolve()
     step = layout.latest_step(root) if root is not None else None
@@ -85,7 +85,9 @@ def _resume_info(plan_path: Path, given: str | None, plan: Plan) -> _Resume:
         path=str(layout.step_dir(root, step)) if root is not None and step is not None else None,
         model_matches=matches,
         pod_checkpoint_dir=record.get("pod_checkpoint_dir") if record else None,
-        emit_options=record.get("options") if record else None,
+        emit_options=record.get("options")
+        if record and isinstance(record.get("options"), dict)
+        else None,
     )
 
 
@@ -272,10 +274,13 @@ def _profiles(
 
 def _emit(res: ReplanResult, emit_dir: Path, resume: _Resume) -> None:
     """The new plan's launch files, checkpointing where the old plan's did."""
+    from dataclasses import fields
+
     from cli.launch_cmd import write_launch_dir
     from executor.emit import EmitOptions
 
-    opts = dict(resume.emit_options or {})
+    known = {f.name for f in fields(EmitOptions)}
+    opts = {k: v for k, v in (resume.emit_options or {}).items() if k in known}
     if resume.checkpoint_dir is not None:
         opts["checkpoint_dir"] = resume.checkpoint_dir
     write_launch_dir(res.plan, emit_dir, EmitOptions(**opts), option="--emit")

@@ -398,16 +398,23 @@ def replan(
     ideal = old_est.tokens_per_s * cluster.num_gpus / plan.cluster.num_gpus
     scales = result.plans[0].estimate.tokens_per_s >= ideal * (1 - batch_tolerance)
     same_size = cluster.num_gpus == plan.cluster.num_gpus
-    faster = (
-        None
-        if scales or same_size
-        else _faster_batch(model, rest, cluster, options, profile, result)
-    )
+    faster = None
+    if old_ok and not change_batch and not (scales or same_size):
+        if not rest:
+            # None within the tolerance: look at the two nearest that divide a layout at all.
+            rest = training_candidates(model, plan.training, cluster, options, math.inf)[0][:2]
+        faster = _faster_batch(model, rest, cluster, options, profile, result)
     if faster is not None:
         b, gain = faster
+        need = abs(b - old_b) / old_b
+        how = "--change-batch" + (
+            f" --batch-tolerance {math.ceil(need * 1000) / 1000:g}"
+            if need > batch_tolerance
+            else ""
+        )
         warnings.append(
             f"global batch {b} ({b - old_b:+d} sequences) would be predicted {100 * gain:.1f} % "
-            f"faster per token on the survivors than keeping {old_b}; --change-batch plans it"
+            f"faster per token on the survivors than keeping {old_b}; {how} plans it"
         )
     planned = place_winner(
         model, training, cluster, result, profile, time_budget_s=placement_budget_s
