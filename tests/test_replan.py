@@ -326,3 +326,16 @@ def test_a_profile_of_the_old_cluster_is_carried_to_the_survivors(
     )
     assert rc == 2
     _one_error(err, "profile host 'hx'")
+
+
+def test_a_faster_nearby_batch_is_named_and_planned_on_request() -> None:
+    plan = _searched(4, batch=64)
+    surv = rp.survivors(plan.cluster, exclude_nodes=[1])
+    kept = rp.replan(plan, surv, batch_tolerance=0.125)
+    assert kept.plan.training.global_batch == 64
+    (hint,) = [w for w in kept.warnings if "--change-batch plans it" in w]
+    changed = rp.replan(plan, surv, batch_tolerance=0.125, change_batch=True)
+    b = changed.plan.training.global_batch
+    assert b != 64 and abs(b - 64) <= 8 and f"global batch {b} " in hint
+    assert changed.new_estimate.tokens_per_s > kept.new_estimate.tokens_per_s
+    assert any("is not the fastest on the 24 surviving GPUs" in w for w in changed.warnings)
