@@ -286,6 +286,90 @@ def _emit(res: ReplanResult, emit_dir: Path, resume: _Resume) -> None:
     write_launch_dir(res.plan, emit_dir, EmitOptions(**opts), option="--emit")
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Request:
+    """The command's options, as given."""
+
+    plan: str
+    exclude: str | None
+    exclude_gpus: str | None
+    degrade_link: tuple[str, ...]
+    keep_partial_nodes: bool
+    profile: str | None
+    out: str | None
+    emit: str | None
+    checkpoint_dir: str | None
+    allow: str | None
+    batch_tolerance: float
+    change_batch: bool
+    placement_budget_s: float
+    as_json: bool
+
+
+def _survivors_of(r: _Request, old: Plan) -> Survivors:
+    from planner import replan as rp
+
+    if not (r.exclude or r.exclude_gpus or r.degrade_link):
+        raise SpecError(
+            "nothing to re-plan for: give --exclude NODES, --exclude-gpus IDS or "
+            "--degrade-link NODE:FACTOR"
+        )
+    return rp.survivors(
+        old.cluster,
+        exclude_nodes=rp.parse_nodes(r.exclude, old.cluster) if r.exclude else (),
+        exclude_gpus=rp.parse_gpus(r.exclude_gpus, old.cluster) if r.exclude_gpus else (),
+        degrade=rp.parse_degrades(r.degrade_link, old.cluster),
+        keep_partial_nodes=r.keep_partial_nodes,
+    )
+
+
+def _run(r: _Request) -> None:
+    """Check every option and output first, re-plan, write, then report."""
+    from planner import replan as rp
+    from planner.fileio import check_output_file
+    from planner.plan import load_plan, save_plan
+    from planner.search_space import SearchOptions, parse_allow
+
+    start = time.perf_counter()
+    check_positive_float("--placement-budget-s", r.placement_budget_s)
+    check_positive_float("--batch-tolerance", r.batch_tolerance)
+    allow = parse_allow(r.allow)
+    out_path = check_output_file(r.out, "--out") if r.out else None
+    emit_dir = None
+    if r.emit:
+        from cli.launch_cmd import check_launch_dir
+
+        emit_dir = check_launch_dir(r.emit, "--emit")
+    old = load_plan(r.plan)
+    surv = _survivors_of(r, old)
+    new_prof, old_prof, notes = _profiles(r.profile, old, surv)
+    for note in notes:
+        err_console().print(f"note: {note}", highlight=False, soft_wrap=True)
+    res = rp.replan(
+        old,
+        surv,
+        profile=new_prof,
+        old_profile=old_prof,
+        options=SearchOptions(top_k=1, allow=allow),
+        placement_budget_s=r.placement_budget_s,
+        batch_tolerance=r.batch_tolerance,
+        change_batch=r.change_batch,
+    )
+    resume = _resume_info(Path(r.plan), r.checkpoint_dir, old)
+    if out_path is not None:
+        save_plan(res.plan, out_path)
+    if emit_dir is not None:
+        _emit(res, emit_dir, resume)
+    took = time.perf_counter() - start
+    if r.as_json:
+        print_json(_doc(res, old, resume, r.out, took))
+        return
+    _render(res, old, resume, r.out, took)
+    for path, what in ((r.out, "plan"), (r.emit, "launch files")):
+        if path:
+            err_console().print(f"wrote {what}: {path}")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("replan")
     def replan_cmd(
@@ -333,56 +417,21 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Plan the same model and training on what is left after nodes or GPUs fail."""
-        from planner import replan as rp
-        from planner.fileio import check_output_file
-        from planner.plan import load_plan, save_plan
-        from planner.search_space import SearchOptions, parse_allow
-
-        start = time.perf_counter()
-        check_positive_float("--placement-budget-s", placement_budget_s)
-        check_positive_float("--batch-tolerance", batch_tolerance)
-        if not (exclude or exclude_gpus or degrade_link):
-            raise SpecError(
-                "nothing to re-plan for: give --exclude NODES, --exclude-gpus IDS or "
-                "--degrade-link NODE:FACTOR"
+        _run(
+            _Request(
+                plan=plan,
+                exclude=exclude,
+                exclude_gpus=exclude_gpus,
+                degrade_link=tuple(degrade_link or ()),
+                keep_partial_nodes=keep_partial_nodes,
+                profile=profile,
+                out=out,
+                emit=emit,
+                checkpoint_dir=checkpoint_dir,
+                allow=allow,
+                batch_tolerance=batch_tolerance,
+                change_batch=change_batch,
+                placement_budget_s=placement_budget_s,
+                as_json=as_json,
             )
-        out_path = check_output_file(out, "--out") if out else None
-        emit_dir = None
-        if emit:
-            from cli.launch_cmd import check_launch_dir
-
-            emit_dir = check_launch_dir(emit, "--emit")
-        old = load_plan(plan)
-        surv = rp.survivors(
-            old.cluster,
-            exclude_nodes=rp.parse_nodes(exclude, old.cluster) if exclude else (),
-            exclude_gpus=rp.parse_gpus(exclude_gpus, old.cluster) if exclude_gpus else (),
-            degrade=rp.parse_degrades(degrade_link or [], old.cluster),
-            keep_partial_nodes=keep_partial_nodes,
         )
-        new_prof, old_prof, notes = _profiles(profile, old, surv)
-        for note in notes:
-            err_console().print(f"note: {note}", highlight=False, soft_wrap=True)
-        res = rp.replan(
-            old,
-            surv,
-            profile=new_prof,
-            old_profile=old_prof,
-            options=SearchOptions(top_k=1, allow=parse_allow(allow)),
-            placement_budget_s=placement_budget_s,
-            batch_tolerance=batch_tolerance,
-            change_batch=change_batch,
-        )
-        resume = _resume_info(Path(plan), checkpoint_dir, old)
-        if out_path is not None:
-            save_plan(res.plan, out_path)
-        if emit_dir is not None:
-            _emit(res, emit_dir, resume)
-        took = time.perf_counter() - start
-        if as_json:
-            print_json(_doc(res, old, resume, out, took))
-            return
-        _render(res, old, resume, out, took)
-        for path, what in ((out, "plan"), (emit, "launch files")):
-            if path:
-                err_console().print(f"wrote {what}: {path}")

@@ -356,6 +356,67 @@ def _faster_batch(
     return (t.global_batch, rate / old - 1) if rate > old else None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _BatchChoice:
+    """How replan picks the global batch (see `replan`)."""
+
+    tolerance: float
+    change: bool
+
+
+def _choose_training(
+    plan: Plan,
+    cluster: ClusterSpec,
+    options: SearchOptions,
+    profile: Profile | None,
+    old_rate: float,
+    choice: _BatchChoice,
+) -> tuple[TrainingSpec, Any, list[str]]:
+    """(training spec, search result, warnings): the old batch when a valid layout divides it
+    (or the fastest nearby one with `choice.change`), else the fastest nearby one."""
+    model, old_b = plan.model, plan.training.global_batch
+    others, old_ok = training_candidates(model, plan.training, cluster, options, choice.tolerance)
+    if old_ok:
+        primary = [plan.training, *others] if choice.change else [plan.training]
+        rest = [] if choice.change else others
+    else:
+        primary, rest = others, []
+    training, result = _search_best(model, primary, cluster, options, profile)
+    warnings = []
+    new_b = training.global_batch
+    if new_b != old_b:
+        why = "is not the fastest on" if old_ok else "divides no valid layout of"
+        tried = ", ".join(str(t.global_batch) for t in primary)
+        warnings.append(
+            f"global batch {old_b} {why} the {cluster.num_gpus} surviving GPUs; planned "
+            f"with {new_b} ({new_b - old_b:+d} sequences per step; the fastest of {tried}): "
+            "the learning-rate schedule may need the same change"
+        )
+    # Other batches are searched only when keeping this one scales worse than the lost GPUs
+    # explain (ideal: the old throughput x surviving / old GPUs), within the same tolerance.
+    ideal = old_rate * cluster.num_gpus / plan.cluster.num_gpus
+    scales = result.plans[0].estimate.tokens_per_s >= ideal * (1 - choice.tolerance)
+    if not old_ok or choice.change or scales or cluster.num_gpus == plan.cluster.num_gpus:
+        return training, result, warnings
+    if not rest:
+        # None within the tolerance: look at the two nearest that divide a layout at all.
+        rest = training_candidates(model, plan.training, cluster, options, math.inf)[0][:2]
+    faster = _faster_batch(model, rest, cluster, options, profile, result)
+    if faster is not None:
+        b, gain = faster
+        need = abs(b - old_b) / old_b
+        how = "--change-batch" + (
+            f" --batch-tolerance {math.ceil(need * 1000) / 1000:g}"
+            if need > choice.tolerance
+            else ""
+        )
+        warnings.append(
+            f"global batch {b} ({b - old_b:+d} sequences) would be predicted {100 * gain:.1f} % "
+            f"faster per token on the survivors than keeping {old_b}; {how} plans it"
+        )
+    return training, result, warnings
+
+
 def replan(
     plan: Plan,
     surv: Survivors,
@@ -375,47 +436,15 @@ def replan(
     base = options or SearchOptions(top_k=1)
     options = replace(base, allow=base.allow | _implied_allow(plan.config, plan.cluster))
     model, cluster = plan.model, surv.cluster
-    others, old_ok = training_candidates(model, plan.training, cluster, options, batch_tolerance)
-    if old_ok:
-        primary = [plan.training, *others] if change_batch else [plan.training]
-        rest = [] if change_batch else others
-    else:
-        primary, rest = others, []
-    training, result = _search_best(model, primary, cluster, options, profile)
-    warnings = []
-    old_b, new_b = plan.training.global_batch, training.global_batch
-    if new_b != old_b:
-        why = "is not the fastest on" if old_ok else "divides no valid layout of"
-        tried = ", ".join(str(t.global_batch) for t in primary)
-        warnings.append(
-            f"global batch {old_b} {why} the {cluster.num_gpus} surviving GPUs; planned "
-            f"with {new_b} ({new_b - old_b:+d} sequences per step; the fastest of {tried}): "
-            "the learning-rate schedule may need the same change"
-        )
-    # Other batches are searched only when keeping this one scales worse than the lost GPUs
-    # explain (ideal: the old throughput x surviving / old GPUs), within the same tolerance.
     old_est = estimate(model, plan.training, plan.cluster, plan.config, old_profile)
-    ideal = old_est.tokens_per_s * cluster.num_gpus / plan.cluster.num_gpus
-    scales = result.plans[0].estimate.tokens_per_s >= ideal * (1 - batch_tolerance)
-    same_size = cluster.num_gpus == plan.cluster.num_gpus
-    faster = None
-    if old_ok and not change_batch and not (scales or same_size):
-        if not rest:
-            # None within the tolerance: look at the two nearest that divide a layout at all.
-            rest = training_candidates(model, plan.training, cluster, options, math.inf)[0][:2]
-        faster = _faster_batch(model, rest, cluster, options, profile, result)
-    if faster is not None:
-        b, gain = faster
-        need = abs(b - old_b) / old_b
-        how = "--change-batch" + (
-            f" --batch-tolerance {math.ceil(need * 1000) / 1000:g}"
-            if need > batch_tolerance
-            else ""
-        )
-        warnings.append(
-            f"global batch {b} ({b - old_b:+d} sequences) would be predicted {100 * gain:.1f} % "
-            f"faster per token on the survivors than keeping {old_b}; {how} plans it"
-        )
+    training, result, warnings = _choose_training(
+        plan,
+        cluster,
+        options,
+        profile,
+        old_est.tokens_per_s,
+        _BatchChoice(tolerance=batch_tolerance, change=change_batch),
+    )
     planned = place_winner(
         model, training, cluster, result, profile, time_budget_s=placement_budget_s
     )
