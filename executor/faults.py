@@ -5,7 +5,8 @@ call. Both are off unless set, and cost one environment lookup when off.
 
 - `MESHPLAN_FAULT_EXIT=RANK:STEP`: process-group rank RANK leaves with `os._exit(EXIT_CODE)`
   in step STEP (1-based), after its backward and before the optimizer step, as a process
-  whose host died would: no clean-up, no collective finished.
+  whose host died would: no clean-up, no collective finished. Only in torchrun's first
+  attempt (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted job gets past it.
 - `MESHPLAN_FAULT_SAVE_HANG=PHASE[:STEP]` with `MESHPLAN_FAULT_READY=PATH`: rank 0 stops inside
   the checkpoint save of step STEP (any step when omitted) at PHASE (`dcp_finish`: every shard written, DCP's `.metadata` not yet;
   `publish`: DCP done, meshplan's completion record and rename not yet), writes PATH and
@@ -30,7 +31,7 @@ EXIT_CODE = 77
 def maybe_exit(rank: int, step: int) -> None:
     """Die now if MESHPLAN_FAULT_EXIT names this rank and step (1-based)."""
     spec = os.environ.get(EXIT_ENV)
-    if not spec:
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     want_rank, _, want_step = spec.partition(":")
     if int(want_rank) == rank and int(want_step) == step:

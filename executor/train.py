@@ -219,6 +219,25 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def _restart_store() -> dist.Store | None:
+    """torchrun's agent store under a prefix per restart attempt (None: plain env://). The c10d
+    rendezvous shares one TCPStore across attempts, and torch 2.13's env:// handler adds no
+    prefix then, so a restarted gloo group could read the dead attempt's peer addresses (seen:
+    `connectFullMesh ... Connection refused` after `--max-restarts` restarted the workers)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"meshplan/attempt_{attempt}", store)
+
+
 def _run(plan_path: Path, opts: TrainOptions) -> int:
     plan = load_plan(plan_path)
     if opts.data != "synthetic" and not Path(opts.data).is_file():
@@ -232,7 +251,8 @@ def _run(plan_path: Path, opts: TrainOptions) -> int:
         )
     backend = "nccl" if opts.device == "cuda" else "gloo"
     if "RANK" in os.environ:
-        init_distributed(plan, backend, gpu_id=process_gpu_id(plan, os.environ))
+        gpu_id = process_gpu_id(plan, os.environ)
+        init_distributed(plan, backend, gpu_id=gpu_id, store=_restart_store())
     else:
         init_distributed(plan, backend, gpu_id=0, store=dist.HashStore())
     try:

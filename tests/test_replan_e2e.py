@@ -175,3 +175,60 @@ def test_node_loss_replan_and_resume(
     assert max(abs(a - b) for a, b in zip(before, want[:4], strict=True)) <= TOLERANCE
     assert max(abs(a - b) for a, b in zip(got["after-failure"], want[4:], strict=True)) <= TOLERANCE
     assert layout.latest_step(ckpt) == STEPS
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_emitted_node_script_restarts_a_dead_worker_and_resumes(tmp_path: Path) -> None:
+    """node0.sh as emitted, with real torchrun: rank 1 dies in step 3 of the first attempt;
+    torchrun (--max-restarts=1) restarts both workers, which resume from step 2's checkpoint
+    and finish; the losses are the uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    from cli.launch_cmd import write_launch_dir
+    from executor.emit import EmitOptions
+
+    two = presets.load_cluster("cpu-2")
+    plan = build_plan(
+        model=GPT,
+        training=TRAINING,
+        cluster=two,
+        config=ParallelConfig(tp=1, pp=1, dp=2, micro_batch=2),
+        prediction={},
+        source="analytic",
+    )
+    launch = tmp_path / "launch"
+    write_launch_dir(plan, launch, EmitOptions(steps=4, checkpoint_every=2, max_restarts=1))
+    metrics = tmp_path / "m.jsonl"
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {
+        **os.environ,
+        "PATH": path,
+        "OMP_NUM_THREADS": "1",
+        "MESHPLAN_RDZV_ENDPOINT": f"localhost:{_free_port()}",
+        EXIT_ENV: "1:3",
+    }
+    run = subprocess.run(
+        ["bash", str(launch / "node0.sh"), "--metrics", str(metrics), "--lr", str(LR)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SPAWN_TIMEOUT_S,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"failed (exitcode: {EXIT_CODE})" in run.stderr  # the first attempt did die
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert layout.complete_steps(launch / "checkpoints") == [2, 4]
+    want = _reference(tmp_path)[:4]
+    assert max(abs(r["loss"] - w) for r, w in zip(rows, want, strict=True)) <= TOLERANCE
