@@ -339,3 +339,21 @@ def test_a_faster_nearby_batch_is_named_and_planned_on_request() -> None:
     assert b != 64 and abs(b - 64) <= 8 and f"global batch {b} " in hint
     assert changed.new_estimate.tokens_per_s > kept.new_estimate.tokens_per_s
     assert any("is not the fastest on the 24 surviving GPUs" in w for w in changed.warnings)
+
+
+def test_json_is_one_document_on_the_real_stdout(tmp_path: Path) -> None:
+    """As a user runs it: a subprocess, the real fd 1, the solver loaded (pp > 1 candidates)."""
+    import subprocess
+    import sys
+
+    save_plan(_searched(4, batch=64), tmp_path / "plan.json")
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "replan", "plan.json", "--exclude", "node1", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    doc, end = json.JSONDecoder().raw_decode(r.stdout.lstrip())
+    assert r.stdout.lstrip()[end:].strip() == "" and doc["lost_nodes"] == ["node1"]
