@@ -281,6 +281,14 @@ def _emit(res: ReplanResult, emit_dir: Path, resume: _Resume) -> None:
 
     known = {f.name for f in fields(EmitOptions)}
     opts = {k: v for k, v in (resume.emit_options or {}).items() if k in known}
+    if opts.get("rdzv_endpoint") and 0 in res.survivors.lost_nodes:
+        err_console().print(
+            f"warning: the rendezvous endpoint {opts['rdzv_endpoint']} was on node0, which is "
+            "lost; set MESHPLAN_RDZV_ENDPOINT=HOST:PORT of the new node0 when starting, or "
+            "re-emit with --rdzv-endpoint",
+            highlight=False,
+            soft_wrap=True,
+        )
     if resume.checkpoint_dir is not None:
         opts["checkpoint_dir"] = resume.checkpoint_dir
     write_launch_dir(res.plan, emit_dir, EmitOptions(**opts), option="--emit")

@@ -394,6 +394,12 @@ paths in them mean the directory you start the script from, not this one.
 Every launcher sets MESHPLAN_NODE_INDEX so the executor places each process on the GPU the
 plan's rank map gives it, whatever order the rendezvous numbers the nodes in.
 
+Failures: every launcher checkpoints every {o.checkpoint_every} steps and resumes from the newest
+complete checkpoint when it starts again (torchrun restarts workers up to {o.max_restarts} times,
+Slurm requeues the job, the pods restart). After losing a node for good, `meshplan replan
+plan.json --exclude node<i> --emit <new dir>` plans the survivors and writes launch files that
+resume from the same checkpoints ({LAUNCH_RECORD} records where they are).
+
 Re-running `meshplan emit` here replaces only the files listed in {MARKER}; other files
 (metrics, checkpoints) are left alone.
 """
