@@ -309,7 +309,22 @@ def _emit_command(app: typer.Typer) -> None:
             None, "--checkpoint-pvc", help="PersistentVolumeClaim the Kubeflow pods checkpoint to."
         ),
         checkpoint_every: int = typer.Option(
-            None, "--checkpoint-every", help="Kubeflow pods save a checkpoint every N steps."
+            None, "--checkpoint-every", help="Save a checkpoint every N steps (default 100)."
+        ),
+        checkpoint_dir: str = typer.Option(
+            None,
+            "--checkpoint-dir",
+            help="Where node<i>.sh and job.sbatch checkpoint and resume from (a shared "
+            "directory; default: checkpoints/ beside plan.json); made absolute here.",
+        ),
+        checkpoint_name: str = typer.Option(
+            None,
+            "--checkpoint-name",
+            help="The pods' checkpoint directory on the claim (default meshplan-<plan id>); "
+            "give the old one to resume a re-planned job.",
+        ),
+        max_restarts: int = typer.Option(
+            None, "--max-restarts", help="torchrun worker restarts and pod restarts (default 3)."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     ) -> None:
@@ -317,6 +332,8 @@ def _emit_command(app: typer.Typer) -> None:
         if data is not None and data != "synthetic":
             # The scripts run elsewhere and from other directories: pin what the user meant here.
             data = os.path.abspath(data)
+        if checkpoint_dir is not None and checkpoint_dir.strip():
+            checkpoint_dir = os.path.abspath(checkpoint_dir)
         paths = emit_files(
             plan,
             out,
@@ -326,6 +343,9 @@ def _emit_command(app: typer.Typer) -> None:
             container=container,
             checkpoint_pvc=checkpoint_pvc,
             checkpoint_every=checkpoint_every,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_name=checkpoint_name,
+            max_restarts=max_restarts,
         )
         names = sorted(p.name for p in paths)
         if as_json:

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cli.profile_cmd",
     "cli.estimate_cmd",
     "cli.plan_cmd",
+    "cli.replan_cmd",
     "cli.memcheck_cmd",
     "cli.launch_cmd",
     "cli.validate_cmd",

@@ -1,23 +1,26 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP): save every N steps, resume.
 
-Owns: `save_checkpoint`, `load_checkpoint`, `latest_step`. Does not own: when to save
-(train.py) or the layout (parallelize.py).
+Owns: `save_checkpoint`, `load_checkpoint`. Does not own: when to save (train.py), the layout
+(parallelize.py), or the directory's naming and completion rules (executor/checkpoint_dir.py:
+a save goes to a temporary directory and becomes `step_N/` and `latest` only when complete).
 
 Keys are layout-free: model keys are the full model's parameter names (chunks keep global layer
 indices), optimizer state is flattened per parameter name (`StateDictOptions(
 flatten_optimizer_state_dict=True)`), and DTensor/FSDP shards are saved as global tensors by DCP,
-so a checkpoint written under one plan loads under another (DCP resharding on load).
-Each chunk has its own optimizer so that `get_state_dict` sees one module per optimizer.
+so a checkpoint written under one plan loads under another (DCP resharding on load): other
+tp/pp/dp, ZeRO stage, layer split or rank map. Each chunk has its own optimizer so that
+`get_state_dict` sees one module per optimizer. A checkpoint records the model's fingerprint
+and is refused for any other model before a tensor is read.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -25,27 +28,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from executor import checkpoint_dir as layout
+from executor.faults import maybe_hang
 from executor.parallelize import ParallelModel
+from planner.plan import Plan
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:08d}"
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer with the fault-injection point between the shards and `.metadata`."""
 
+    def __init__(self, path: Path, step: int) -> None:
+        super().__init__(path)
+        self._step = step
 
-def latest_step(root: str | Path) -> int | None:
-    """The newest complete checkpoint's step (DCP writes `.metadata` last), or None."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    steps = [
-        int(m.group(1))
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / ".metadata").is_file()
-    ]
-    return max(steps) if steps else None
+    def finish(self, metadata: Any, results: Any) -> None:
+        maybe_hang("dcp_finish", self._step)
+        super().finish(metadata, results)
 
 
 def _state(
@@ -61,24 +61,55 @@ def _state(
     return merged, keys
 
 
+def _layout(plan: Plan) -> str:
+    c = plan.config
+    return f"tp={c.tp} pp={c.pp} dp={c.dp} zero={c.zero} stage_layers={list(c.stage_layers or ())}"
+
+
 def save_checkpoint(
-    root: str | Path, step: int, model: ParallelModel, optimizers: Sequence[torch.optim.Optimizer]
+    root: str | Path,
+    step: int,
+    model: ParallelModel,
+    optimizers: Sequence[torch.optim.Optimizer],
+    plan: Plan,
 ) -> Path:
-    """Save the state after `step` completed steps (collective over all ranks)."""
+    """Save the state after `step` completed steps (collective over all ranks). Returns the
+    published `step_N/` once every rank's shards, DCP's index and the record are in place."""
     state, _ = _state(model, optimizers)
     state["trainer.step"] = step
-    path = _step_dir(Path(root), step)
-    dcp.save(state, checkpoint_id=str(path))
-    return path
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        layout.begin(root, step)
+    dist.barrier()
+    dcp.save(state, storage_writer=_Writer(layout.partial_dir(root, step), step))
+    if rank0:
+        maybe_hang("publish", step)
+        record = layout.CheckpointRecord(
+            step=step,
+            model_name=plan.model.name,
+            model_fingerprint=layout.model_fingerprint(plan.model),
+            layout=_layout(plan),
+            world_size=plan.config.world_size,
+        )
+        layout.publish(root, step, record)
+    # No rank goes on (or exits) before the checkpoint is published.
+    dist.barrier()
+    return layout.step_dir(root, step)
 
 
 def load_checkpoint(
-    root: str | Path, step: int, model: ParallelModel, optimizers: Sequence[torch.optim.Optimizer]
+    root: str | Path,
+    step: int,
+    model: ParallelModel,
+    optimizers: Sequence[torch.optim.Optimizer],
+    plan: Plan,
 ) -> int:
-    """Load step `step` into the model and optimizers in place; returns the saved step."""
+    """Load step `step` into the model and optimizers in place; returns the saved step.
+    CheckpointError (before anything is read) for a torn checkpoint or another model's."""
+    path = layout.check_loadable(root, step, layout.model_fingerprint(plan.model), plan.model.name)
     state, keys = _state(model, optimizers)
     state["trainer.step"] = -1
-    dcp.load(state, checkpoint_id=str(_step_dir(Path(root), step)))
+    dcp.load(state, checkpoint_id=str(path))
     for (module, optim), (mkeys, okeys) in zip(
         zip(model.modules, optimizers, strict=True), keys, strict=True
     ):

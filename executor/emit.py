@@ -1,8 +1,9 @@
 """Launch files for a plan: per-node torchrun scripts, a Slurm batch file, a Kubeflow PyTorchJob.
 
 Owns: checking emit options and the plan against its cluster, rendering the files (a pure
-function of plan and options). Does not own: writing the directory and its marker file
-(cli/launch_cmd.py). Does not import torch: emitting works on a laptop.
+function of plan and options; the PyTorchJob's YAML is executor/emit_k8s.py's), launch.json.
+Does not own: writing the directory and its marker file (cli/launch_cmd.py). Does not import
+torch: emitting works on a laptop.
 
 Rank order: torchrun numbers processes node-major (global rank = node_rank * nproc + local
 rank) only when node ranks are pinned, and the c10d rendezvous may number nodes in arrival
@@ -19,15 +20,13 @@ PyTorchJob from gzip parts in ConfigMaps, so a plan of any size fits Kubernetes'
 
 from __future__ import annotations
 
-import base64
-import gzip
 import hashlib
+import json
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
 from planner.errors import SpecError
 from planner.plan import Plan, plan_to_json
@@ -45,7 +44,10 @@ PLAN_PART_BYTES = 128 * 1024
 PARTS_MOUNT = "/etc/meshplan"
 UNPACK_DIR = "/tmp/meshplan"
 CHECKPOINT_MOUNT = "/checkpoints"
-_HOOK_KEY = "meshplan-hook-"
+# Checkpoints of node<i>.sh and job.sbatch without --checkpoint-dir: beside plan.json.
+DEFAULT_CHECKPOINT_SUBDIR = "checkpoints"
+LAUNCH_RECORD = "launch.json"
+LAUNCH_RECORD_FORMAT = 1
 
 _HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 # The image-reference grammar of github.com/distribution/reference, which docker, containerd
@@ -70,12 +72,28 @@ class EmitOptions:
     metrics: str | None = None
     checkpoint_pvc: str = "meshplan-checkpoints"
     checkpoint_every: int = 100
+    # Host path of node<i>.sh's and job.sbatch's checkpoints (None: `checkpoints/` beside
+    # plan.json); the pods' is /checkpoints/<checkpoint_name> on the claim (None: meshplan-<plan id>).
+    checkpoint_dir: str | None = None
+    checkpoint_name: str | None = None
+    # torchrun's worker restarts, and the PyTorchJob's pod restarts (runPolicy.backoffLimit).
+    max_restarts: int = 3
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
             raise SpecError(f"--steps={self.steps} must be >= 1")
         if self.checkpoint_every < 1:
             raise SpecError(f"--checkpoint-every={self.checkpoint_every} must be >= 1")
+        if self.max_restarts < 0:
+            raise SpecError(f"--max-restarts={self.max_restarts} must be >= 0")
+        if self.checkpoint_dir is not None and not self.checkpoint_dir.strip():
+            raise SpecError("--checkpoint-dir must be a non-empty path")
+        name = self.checkpoint_name
+        if name is not None and (len(name) > 253 or not _K8S_NAME.fullmatch(name)):
+            raise SpecError(
+                f"--checkpoint-name={name!r} must be lower-case letters, digits, '-' and '.' "
+                "(a directory on the checkpoint claim), at most 253 characters"
+            )
         if self.rdzv_endpoint is not None:
             _check_endpoint(self.rdzv_endpoint)
         _check_image(self.container)
@@ -209,6 +227,26 @@ def _torchrun(job: _Job, endpoint: str, rdzv_id: str, node_rank: str) -> list[st
         "--rdzv-backend=c10d",
         _Sh(f"--rdzv-endpoint={endpoint}"),
         _Sh(f"--rdzv-id={rdzv_id}"),
+        f"--max-restarts={job.opts.max_restarts}",
+    ]
+
+
+def _resume_args(job: _Job, checkpoint_dir: str) -> list[str]:
+    """Checkpoint every N steps and continue from the newest complete one on every start."""
+    every = str(job.opts.checkpoint_every)
+    return ["--checkpoint-dir", _Sh(checkpoint_dir), "--checkpoint-every", every, "--resume"]
+
+
+def _checkpoint_lines(job: _Job, plan_dir: str) -> list[str]:
+    """CHECKPOINT_DIR: $MESHPLAN_CHECKPOINT_DIR, else --checkpoint-dir, else beside plan.json
+    (`plan_dir` is a shell expression, used inside double quotes)."""
+    given = job.opts.checkpoint_dir
+    default = (
+        shlex.quote(given) if given is not None else f'"{plan_dir}/{DEFAULT_CHECKPOINT_SUBDIR}"'
+    )
+    return [
+        f"DEFAULT_CHECKPOINT_DIR={default}",
+        'CHECKPOINT_DIR="${MESHPLAN_CHECKPOINT_DIR:-$DEFAULT_CHECKPOINT_DIR}"',
     ]
 
 
@@ -229,7 +267,8 @@ def node_script(job: _Job, node: int) -> str:
             'or re-emit with --rdzv-endpoint}"'
         )
     cmd = _torchrun(job, '"$RDZV_ENDPOINT"', f"meshplan-{job.pid}", str(node))
-    cmd += _train_args(job, _Sh('"$HERE/plan.json"'))
+    cmd += _train_args(job, _Sh('"$HERE/plan.json"')) + _resume_args(job, '"$CHECKPOINT_DIR"')
+    ckpt = _checkpoint_lines(job, "$HERE")
     return "\n".join(
         [
             "#!/usr/bin/env bash",
@@ -242,6 +281,9 @@ def node_script(job: _Job, node: int) -> str:
             f"export MESHPLAN_NODE_INDEX={node}",
             _omp_line(job),
             endpoint_line,
+            "# Restarts (torchrun --max-restarts, or running this again) resume from the newest",
+            "# complete checkpoint here; after a node loss see `meshplan replan`.",
+            *ckpt,
             f'exec {_join(cmd)} "$@"',
             "",
         ]
@@ -265,8 +307,9 @@ def sbatch_script(job: _Job) -> str:
     endpoint = f'"$HEAD_NODE":{job.opts.rdzv_port}'
     torchrun = _torchrun(job, endpoint, '"$SLURM_JOB_ID"', '"$SLURM_NODEID"')
     inner = "export MESHPLAN_NODE_INDEX=$SLURM_NODEID; exec " + _join(
-        torchrun + _train_args(job, _Sh('"$PLAN"'))
+        torchrun + _train_args(job, _Sh('"$PLAN"')) + _resume_args(job, '"$CHECKPOINT_DIR"')
     )
+    ckpt = _checkpoint_lines(job, '$(dirname "$PLAN")')
     emitted = " the launch directory at emit time," if job.launch_dir else ""
     subdir = job.launch_dir.name if job.launch_dir else "launch"
     srun_cmd = shlex.quote(inner + ' "$@"')
@@ -278,6 +321,10 @@ def sbatch_script(job: _Job) -> str:
             "#SBATCH --ntasks-per-node=1",
             *gpu_line,
             "#SBATCH --exclusive",
+            "# Requeued on a node failure (on other hosts too); every start resumes from the newest",
+            "# complete checkpoint, and the log keeps earlier attempts' output.",
+            "#SBATCH --requeue",
+            "#SBATCH --open-mode=append",
             f"# meshplan plan {job.pid}: {job.layout}; submit with `sbatch job.sbatch [EXECUTOR ARGS]`.",
             "# Slurm starts the job in the directory sbatch ran in: relative paths in the arguments",
             "# (--metrics, --data, --checkpoint-dir) mean that directory.",
@@ -301,7 +348,8 @@ def sbatch_script(job: _Job) -> str:
             "fi",
             "# sed reads every host name; `head -n 1` could kill scontrol with SIGPIPE under pipefail.",
             'HEAD_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
-            "export PLAN HEAD_NODE",
+            *ckpt,
+            "export PLAN HEAD_NODE CHECKPOINT_DIR",
             _omp_line(job),
             "# SLURM_NODEID follows the allocation's host order, so node i of the plan is the i-th host.",
             f'srun --nodes={job.nodes} --ntasks-per-node=1 bash -c {srun_cmd} meshplan "$@"',
@@ -310,150 +358,8 @@ def sbatch_script(job: _Job) -> str:
     )
 
 
-def _block_dumper() -> type:
-    import yaml
-
-    # libyaml's emitter where installed: the pure-Python one reads the plan parts char by char.
-    class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
-        """Multi-line strings (the pod's start-up script) as readable literal blocks."""
-
-    def str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
-        style = "|" if "\n" in data else None
-        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
-
-    Dumper.add_representer(str, str_presenter)
-    Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign]  # no &id anchors
-    return Dumper
-
-
-# Commented-out YAML that a cluster with RDMA NICs enables by hand; `_with_hooks` puts each block
-# where its placeholder key was dumped, indented to match.
-_HOOKS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "pod": (
-            "RDMA / host networking (InfiniBand, RoCE): NCCL then uses the hosts' NICs directly.",
-            "hostNetwork: true",
-            "dnsPolicy: ClusterFirstWithHostNet",
-        ),
-        "container": (
-            "RDMA: request your RDMA device plugin's resource next to the GPUs (the name depends",
-            "on the plugin, e.g. rdma/rdma_shared_device_a: 1 under resources.limits) and let",
-            "NCCL pin memory:",
-            "securityContext:",
-            "  capabilities:",
-            "    add: [IPC_LOCK]",
-            "NCCL_IB_HCA / NCCL_SOCKET_IFNAME in env pick the fabric's devices if NCCL guesses wrong.",
-        ),
-    }
-)
-
-
-def _with_hooks(text: str) -> str:
-    def block(m: re.Match[str]) -> str:
-        return "\n".join(f"{m.group(1)}# {line}" for line in _HOOKS[m.group(2)])
-
-    return re.sub(rf"^( *){_HOOK_KEY}(\w+): null$", block, text, flags=re.MULTILINE)
-
-
-def _plan_parts(job: _Job) -> list[str]:
-    """plan.json gzipped (mtime 0: the same plan gives the same bytes), split, base64."""
-    packed = gzip.compress(job.plan_json.encode(), compresslevel=9, mtime=0)
-    return [
-        base64.b64encode(packed[i : i + PLAN_PART_BYTES]).decode()
-        for i in range(0, len(packed), PLAN_PART_BYTES)
-    ]
-
-
-def _pod_script(job: _Job) -> str:
-    """Join the parts, check them against the plan's sha256, then start torchrun with resume."""
-    plan = f"{UNPACK_DIR}/plan.json"
-    every, ckpt = str(job.opts.checkpoint_every), f"{CHECKPOINT_MOUNT}/meshplan-{job.pid}"
-    train = [*_train_args(job, plan), "--checkpoint-dir", ckpt, "--checkpoint-every", every]
-    return "\n".join(
-        [
-            "set -euo pipefail",
-            f"cat {PARTS_MOUNT}/plan.json.gz.* | gunzip > {plan}",
-            f"echo '{job.sha256}  {plan}' | sha256sum -c --quiet -",
-            "export MESHPLAN_NODE_INDEX=$PET_NODE_RANK",
-            "exec torchrun " + _join([*train, "--resume"]),
-            "",
-        ]
-    )
-
-
-def _replica(job: _Job, count: int, part_names: list[str]) -> dict:
-    threads = str(GPU_OMP_THREADS if job.device == "cuda" else 1)
-    parts = [{"configMap": {"name": n}} for n in part_names]
-    container: dict = {
-        "name": "pytorch",
-        "image": job.opts.container,
-        "command": ["bash", "-c", _pod_script(job)],
-        "env": [{"name": "OMP_NUM_THREADS", "value": threads}],
-        "volumeMounts": [
-            {"name": "plan-parts", "mountPath": PARTS_MOUNT, "readOnly": True},
-            {"name": "plan", "mountPath": UNPACK_DIR},
-            {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
-    }
-    if job.device == "cuda":
-        container["resources"] = {"limits": {"nvidia.com/gpu": job.per_node}}
-    container[_HOOK_KEY + "container"] = None
-    volumes = [
-        {"name": "plan-parts", "projected": {"sources": parts}},
-        {"name": "plan", "emptyDir": {}},
-        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": job.opts.checkpoint_pvc}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-    ]
-    pod = {"containers": [container], "volumes": volumes, _HOOK_KEY + "pod": None}
-    return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod}}
-
-
-def pytorchjob_yaml(job: _Job) -> str:
-    """Kubeflow PyTorchJob (kubeflow.org/v1) plus the ConfigMaps carrying plan.json.
-
-    The training operator sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and the master
-    address for torchrun; Master is node 0 and Worker-i is node i+1, which is the plan's order.
-    """
-    import yaml
-
-    parts = _plan_parts(job)
-    width = max(3, len(str(len(parts) - 1)))
-    names = [f"meshplan-plan-{job.pid}-{i:0{width}d}" for i in range(len(parts))]
-    config_maps = [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": name, "labels": {"meshplan/plan": job.pid}},
-            "binaryData": {f"plan.json.gz.{i:0{width}d}": part},
-        }
-        for i, (name, part) in enumerate(zip(names, parts, strict=True))
-    ]
-    specs = {"Master": _replica(job, 1, names)}
-    if job.nodes > 1:
-        specs["Worker"] = _replica(job, job.nodes - 1, names)
-    pytorch_job = {
-        "apiVersion": "kubeflow.org/v1",
-        "kind": "PyTorchJob",
-        "metadata": {"name": f"meshplan-{job.pid}"},
-        "spec": {"nprocPerNode": str(job.per_node), "pytorchReplicaSpecs": specs},
-    }
-    o = job.opts
-    header = f"""\
-# meshplan plan {job.pid} ({job.layout}): a Kubeflow PyTorchJob of {job.nodes} pod(s) x {job.per_node} processes.
-# Apply with `kubectl apply --server-side -f pytorchjob.yaml`: server-side apply keeps no
-#   last-applied annotation (limited to 256 KiB); every object here also stays under that limit,
-#   so plain `kubectl apply` works too. Delete with `kubectl delete -f pytorchjob.yaml`.
-# plan.json ({len(job.plan_json)} bytes) travels gzipped in {len(parts)} ConfigMap(s) of <= {PLAN_PART_BYTES // 1024} KiB (the limit
-#   is 1 MiB), labelled meshplan/plan={job.pid}; each pod joins them and checks the sha256.
-# Checkpoints: every pod mounts the PersistentVolumeClaim {o.checkpoint_pvc} (create it first,
-#   ReadWriteMany) at {CHECKPOINT_MOUNT}; the executor saves every {o.checkpoint_every} steps there and a
-#   restarted pod resumes from the newest complete checkpoint (--resume).
-"""
-    text = yaml.dump_all(
-        [*config_maps, pytorch_job], Dumper=_block_dumper(), sort_keys=False, width=1 << 30
-    )
-    return header + _with_hooks(text)
+def _checkpoint_name(job: _Job) -> str:
+    return job.opts.checkpoint_name or f"meshplan-{job.pid}"
 
 
 def readme(job: _Job) -> str:
@@ -486,6 +392,12 @@ paths in them mean the directory you start the script from, not this one.
 Every launcher sets MESHPLAN_NODE_INDEX so the executor places each process on the GPU the
 plan's rank map gives it, whatever order the rendezvous numbers the nodes in.
 
+Failures: every launcher checkpoints every {o.checkpoint_every} steps and resumes from the newest
+complete checkpoint when it starts again (torchrun restarts workers up to {o.max_restarts} times,
+Slurm requeues the job, the pods restart). After losing a node for good, `meshplan replan
+plan.json --exclude node<i> --emit <new dir>` plans the survivors and writes launch files that
+resume from the same checkpoints ({LAUNCH_RECORD} records where they are).
+
 Re-running `meshplan emit` here replaces only the files listed in {MARKER}; other files
 (metrics, checkpoints) are left alone.
 """
@@ -497,6 +409,8 @@ def render(plan: Plan, opts: EmitOptions, launch_dir: str | Path | None = None) 
     `launch_dir`, when given, is where the files will live; job.sbatch looks for plan.json
     there first. The plan is serialised once.
     """
+    from executor.emit_k8s import pytorchjob_yaml
+
     check_plan(plan)
     job = _job(plan, opts, Path(launch_dir) if launch_dir is not None else None)
     files = {f"node{i}.sh": node_script(job, i) for i in range(job.nodes)}
@@ -504,4 +418,31 @@ def render(plan: Plan, opts: EmitOptions, launch_dir: str | Path | None = None) 
     files["pytorchjob.yaml"] = pytorchjob_yaml(job)
     files["plan.json"] = job.plan_json
     files["README.md"] = readme(job)
+    files[LAUNCH_RECORD] = launch_record(job)
     return files
+
+
+def launch_record(job: _Job) -> str:
+    """launch.json: the emit options and where this plan's launchers checkpoint, for
+    `meshplan replan` (which checkpoint a new plan resumes from) and `replan --emit`."""
+    o = job.opts
+    options = {
+        "rdzv_endpoint": o.rdzv_endpoint,
+        "data": o.data,
+        "steps": o.steps,
+        "container": o.container,
+        "metrics": o.metrics,
+        "checkpoint_pvc": o.checkpoint_pvc,
+        "checkpoint_every": o.checkpoint_every,
+        "checkpoint_dir": o.checkpoint_dir,
+        "checkpoint_name": _checkpoint_name(job),
+        "max_restarts": o.max_restarts,
+    }
+    doc = {
+        "format": LAUNCH_RECORD_FORMAT,
+        "plan": job.pid,
+        "options": options,
+        "host_checkpoint_dir": o.checkpoint_dir or DEFAULT_CHECKPOINT_SUBDIR,
+        "pod_checkpoint_dir": f"{CHECKPOINT_MOUNT}/{_checkpoint_name(job)}",
+    }
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"

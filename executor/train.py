@@ -23,9 +23,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from executor.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from executor.checkpoint import load_checkpoint, save_checkpoint
+from executor.checkpoint_dir import latest_step
 from executor.data import local_batch, make_source
 from executor.device import Runtime, make_runtime
+from executor.faults import maybe_exit
 from executor.mesh import build_mesh, init_distributed, process_gpu_id
 from executor.metrics import (
     MetricsLog,
@@ -148,7 +150,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         and opts.checkpoint_dir
         and (last := latest_step(opts.checkpoint_dir)) is not None
     ):
-        start = load_checkpoint(opts.checkpoint_dir, last, model, optimizers)
+        start = load_checkpoint(opts.checkpoint_dir, last, model, optimizers, plan)
     t = plan.training
     source = make_source(
         opts.data, vocab=plan.model.vocab, seq_len=t.seq_len, batch=t.global_batch, seed=opts.seed
@@ -173,6 +175,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         local = _local_step(
             model, inputs, targets, plan.num_micro_batches, plan.config.tp, plan.config.zero, rt
         )
+        maybe_exit(dist.get_rank(), step + 1)
         for opt in optimizers:
             opt.step()
         loss = _global_loss(local, plan, mesh.tp_rank, rt.device)
@@ -197,7 +200,7 @@ def train(plan: Plan, opts: TrainOptions) -> list[float]:
         )
         done = step + 1
         if opts.checkpoint_dir and opts.checkpoint_every and done % opts.checkpoint_every == 0:
-            save_checkpoint(opts.checkpoint_dir, done, model, optimizers)
+            save_checkpoint(opts.checkpoint_dir, done, model, optimizers, plan)
     return losses
 
 
@@ -241,6 +244,27 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def _restart_store() -> dist.Store | None:
+    """torchrun's agent store under a prefix per restart attempt (None: plain env://). torch
+    2.13's c10d rendezvous keeps one TCPStore for every round (dynamic_rendezvous.py,
+    `_shared_tcp_store_server`) and the env:// handler adds no per-attempt prefix ("We create a
+    new TCPStore for every retry"), so a restarted gloo group could read the dead attempt's peer
+    addresses (seen: 1 of 3 restarts failed in `connectFullMesh ... Connection refused`; 0 of 9
+    with the prefix)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=default_pg_timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"meshplan/attempt_{attempt}", store)
+
+
 def _run(plan_path: Path, opts: TrainOptions) -> int:
     plan = load_plan(plan_path)
     if opts.data != "synthetic" and not Path(opts.data).is_file():
@@ -254,7 +278,8 @@ def _run(plan_path: Path, opts: TrainOptions) -> int:
         )
     backend = "nccl" if opts.device == "cuda" else "gloo"
     if "RANK" in os.environ:
-        init_distributed(plan, backend, gpu_id=process_gpu_id(plan, os.environ))
+        gpu_id = process_gpu_id(plan, os.environ)
+        init_distributed(plan, backend, gpu_id=gpu_id, store=_restart_store())
     else:
         init_distributed(plan, backend, gpu_id=0, store=dist.HashStore())
     try:

@@ -8,4 +8,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export MESHPLAN_NODE_INDEX=0
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:-node0.example:29500}"
-exec torchrun --nnodes=16 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-3a04c27cac -m executor.train --plan "$HERE/plan.json" --device cuda --steps 100 --data /data/tokens.bin "$@"
+# Restarts (torchrun --max-restarts, or running this again) resume from the newest
+# complete checkpoint here; after a node loss see `meshplan replan`.
+DEFAULT_CHECKPOINT_DIR="$HERE/checkpoints"
+CHECKPOINT_DIR="${MESHPLAN_CHECKPOINT_DIR:-$DEFAULT_CHECKPOINT_DIR}"
+exec torchrun --nnodes=16 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-3a04c27cac --max-restarts=3 -m executor.train --plan "$HERE/plan.json" --device cuda --steps 100 --data /data/tokens.bin --checkpoint-dir "$CHECKPOINT_DIR" --checkpoint-every 100 --resume "$@"
