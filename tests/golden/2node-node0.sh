@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# meshplan: node 0 of 2 for plan 40e87d88a9 (tp=8 pp=2 dp=1). Run this on node 0.
+# meshplan: node 0 of 2 for plan c4694ec996 (tp=8 pp=2 dp=1). Run this on node 0.
 # Arguments are passed on to the executor; relative paths in them (--metrics, --data,
 # --checkpoint-dir) are relative to the directory you run this script from.
 set -euo pipefail
@@ -12,4 +12,4 @@ RDZV_ENDPOINT="${MESHPLAN_RDZV_ENDPOINT:-node0.example:29500}"
 # complete checkpoint here; after a node loss see `meshplan replan`.
 DEFAULT_CHECKPOINT_DIR="$HERE/checkpoints"
 CHECKPOINT_DIR="${MESHPLAN_CHECKPOINT_DIR:-$DEFAULT_CHECKPOINT_DIR}"
-exec torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-40e87d88a9 --max-restarts=3 -m executor.train --plan "$HERE/plan.json" --device cuda --steps 100 --data /data/tokens.bin --checkpoint-dir "$CHECKPOINT_DIR" --checkpoint-every 100 --resume "$@"
+exec torchrun --nnodes=2 --nproc-per-node=8 --node-rank=0 --rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id=meshplan-c4694ec996 --max-restarts=3 -m executor.train --plan "$HERE/plan.json" --device cuda --steps 100 --data /data/tokens.bin --checkpoint-dir "$CHECKPOINT_DIR" --checkpoint-every 100 --resume "$@"
