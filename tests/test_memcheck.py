@@ -236,17 +236,19 @@ def _deep(layers: int) -> ModelSpec:
     ("plan_args", "pp_rank", "layers_from", "micro_batches_from"),
     [
         # 6 blocks per stage (> 2k = 4) and 8 micro-batches (> 3 pp = 6), the last stage
-        (dict(tp=2, pp=2, dp=1, micro_batch=2), 1, (2, 4), (4, 6)),
+        # (tp = 1: extrapolation is over layers and micro-batches; DTensor TP under fake
+        # tensors took 110 s of the suite and is covered by the other memcheck tests)
+        (dict(tp=1, pp=2, dp=1, micro_batch=2), 1, (2, 4), (4, 6)),
         # chunks of 5 and 4 blocks on rank 1 (one run per chunk), 12 micro-batches (> 2 pp v + pp)
         (dict(tp=1, pp=2, dp=1, micro_batch=1, schedule="interleaved", virtual_stages=2), 1, (4, 6), (8, 10)),
     ],
-    ids=["1f1b-tp2-last-rank", "interleaved-uneven-chunks"],
+    ids=["1f1b-last-rank", "interleaved-uneven-chunks"],
 )  # fmt: skip
 def test_extrapolation_matches_a_full_depth_run(
     plan_args: dict, pp_rank: int, layers_from: tuple, micro_batches_from: tuple
 ) -> None:
     gpus = plan_args["tp"] * plan_args["pp"]
-    layers, batch = (12, 16) if plan_args["tp"] == 2 else (19, 12)
+    layers, batch = (19, 12) if plan_args.get("schedule") == "interleaved" else (12, 16)
     plan = _plan(_deep(layers), _gpu_cluster(gpus), batch, **plan_args)
     approx, exact = _in_child(_extrapolated_and_exact, plan, pp_rank)
     assert approx.extrapolated_from_layers == layers_from
