@@ -173,7 +173,11 @@ def register(app: typer.Typer) -> None:
         ),
         recompute: str = typer.Option("none", "--recompute", help="none | selective | full"),
         sequence_parallel: bool = typer.Option(
-            False, "--sequence-parallel", help="Megatron sequence parallelism (tp >= 2)."
+            None,
+            "--sequence-parallel/--no-sequence-parallel",
+            help="Sequence parallelism over the TP group (default: on when tp >= 2, as the "
+            "executor and torchtitan run TP; the same communication volume, less memory).",
+            show_default=False,
         ),
         zero: int = typer.Option(0, "--zero", help="ZeRO stage over dp: 0 | 1 | 2 | 3"),
         ep: int = typer.Option(
@@ -220,7 +224,7 @@ def register(app: typer.Typer) -> None:
             schedule=schedule,
             virtual_stages=virtual_stages,
             recompute=recompute,
-            sequence_parallel=sequence_parallel,
+            sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
             zero=zero,
             ep=ep,
         )

@@ -106,6 +106,7 @@ def _cli_args(case: cal.CalibrationCase, tmp: Path) -> list[str]:
         "0",
         "--runtime",
         runtime,
+        "--no-sequence-parallel",
         "--json",
     ]
     return args + ([] if t.flash_attention else ["--no-flash-attention"])

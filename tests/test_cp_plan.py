@@ -57,20 +57,21 @@ def _estimate(capsys: pytest.CaptureFixture[str], model: str, *args: str) -> tup
 def test_estimate_at_2m_tokens_fits_with_cp16_only(
     model_file: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, doc = _estimate(
-        capsys, model_file, "--nodes", "16", *LONG, "--cp", "16", "--sequence-parallel", "--json"
-    )
+    # the command as written: sequence parallelism is on by default at tp >= 2
+    code, doc = _estimate(capsys, model_file, "--nodes", "16", *LONG, "--cp", "16", "--json")
     assert code == 0 and doc["fits"], doc.get("peak_memory_bytes")
-    assert doc["config"]["cp"] == 16 and doc["breakdown"]["cp_comm_s"] > 0
+    assert doc["config"]["cp"] == 16 and doc["config"]["sequence_parallel"] is True
+    assert doc["breakdown"]["cp_comm_s"] > 0
     assert any("all_gather_kv attention" in n for n in doc["notes"])
     # the executor's own memory rules: without sequence parallelism the block inputs kept by
     # full recompute (32 GiB) and the vocab-parallel loss (16 B per logit, 31 GiB) overflow 80 GB
-    code, doc = _estimate(capsys, model_file, "--nodes", "16", *LONG, "--cp", "16", "--json")
-    assert code == 3 and not doc["fits"]
-    # the same configuration without CP (one node: dp = 1) does not fit: exit 3
     code, doc = _estimate(
-        capsys, model_file, "--nodes", "1", *LONG, "--cp", "1", "--sequence-parallel", "--json"
+        capsys, model_file, "--nodes", "16", *LONG, "--cp", "16", "--no-sequence-parallel", "--json"
     )
+    assert code == 3 and not doc["fits"]
+    # the same configuration without CP (one node: dp = 1) does not fit: exit 3; on 16 nodes
+    # cp = 1 would make dp = 16 > the global batch of 8 (an invalid configuration, exit 2)
+    code, doc = _estimate(capsys, model_file, "--nodes", "1", *LONG, "--cp", "1", "--json")
     assert code == 3 and not doc["fits"]
     assert "cp_comm_s" not in doc["breakdown"]
 
