@@ -73,7 +73,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature(
         field="sliding_window",
         treatment=CONSERVATIVE,
-        why="priced as full causal attention (more FLOPs; the same flash-attention memory)",
+        why="flash attention priced over the window in the blocks that have it (their mean "
+        "over all blocks); memory as full flash attention (the same); context parallelism and "
+        "materialised attention priced over the full causal square",
     ),
     Feature(field="sliding_layers", treatment=CONSERVATIVE, why="see sliding_window"),
     Feature(

@@ -146,3 +146,18 @@ def test_recompute_adds_the_forward_to_backward() -> None:
     none = analytic.block_times(GPT, recompute="none", **kw)
     full = analytic.block_times(GPT, recompute="full", **kw)
     assert full.backward_s == pytest.approx(none.backward_s + none.forward_s)
+
+
+def test_sliding_window_prices_the_window_in_flash_attention() -> None:
+    s, w = 8192, 4096
+    mistral = replace(GPT, sliding_window=w, sliding_layers=tuple(range(GPT.layers)))
+    # w*s - w(w-1)/2 of s(s+1)/2 products: 0.75 of causal attention at w = s/2
+    frac = analytic.causal_window_fraction(mistral, s)
+    assert frac == pytest.approx((w * s - w * (w - 1) / 2) / (s * (s + 1) / 2))
+    assert frac == pytest.approx(0.75, rel=1e-3)
+    half = replace(mistral, sliding_layers=tuple(range(0, GPT.layers, 2)))
+    assert analytic.causal_window_fraction(half, s) == pytest.approx((frac + 1) / 2)
+    assert analytic.causal_window_fraction(mistral, w) == 1.0  # the window covers the sequence
+    kw = dict(micro_batch=1, seq_len=s, tp=1, flash_attention=True, sequence_parallel=False,
+              dropout=False, gpu=GPU, dtype=Dtype.BF16, recompute="none")  # fmt: skip
+    assert analytic.block_times(mistral, **kw).forward_s < analytic.block_times(GPT, **kw).forward_s

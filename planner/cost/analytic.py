@@ -232,6 +232,20 @@ def _elementwise_bytes(
     return per_seq * seq_part + act + (rope if model.position is PositionKind.ROPE else 0.0)
 
 
+def causal_window_fraction(model: ModelSpec, seq_len: int) -> float:
+    """Executed share of the causal attention products, averaged over the model's blocks:
+    1 for full causal attention; a block with a sliding window of w < s tokens computes
+    w*s - w(w-1)/2 of the s(s+1)/2 query-key products (FlashAttention-2's `window_size`
+    skips the tiles outside the window, Dao 2023 Sec. 3; Mistral, Gemma 2). The cost model
+    prices uniform blocks, so alternating window/full layers are priced at their mean."""
+    w, s = model.sliding_window, seq_len
+    if not w or w >= s or not model.sliding_layers:
+        return 1.0
+    windowed = (w * s - w * (w - 1) / 2) / (s * (s + 1) / 2)
+    share = len(model.sliding_layers) / model.layers
+    return share * windowed + (1.0 - share)
+
+
 def _attention_core(
     model: ModelSpec,
     micro_batch: int,
@@ -246,10 +260,11 @@ def _attention_core(
     """(forward, backward) seconds of the attention core: flash executes the causal half of
     QK^T and PV (Dao et al. 2022); the materialised path runs both batched GEMMs over the full
     square plus the softmax (and dropout) over b*a/t*s^2 scores (Megatron's fused scaled masked
-    softmax reads the scores and writes the probabilities)."""
+    softmax reads the scores and writes the probabilities). A sliding window shrinks what
+    flash executes (causal_window_fraction); the materialised path masks the full square."""
     full = block_flops(model, micro_batch, seq_len, tp).attention
     if flash:
-        return flash_attention_s(0.5 * full, gpu, dtype, c)
+        return flash_attention_s(0.5 * full * causal_window_fraction(model, seq_len), gpu, dtype, c)
     rows = micro_batch * model.heads / tp * seq_len
     qk = gemm_s(rows, seq_len, model.head_dim, gpu, dtype, c)
     pv = gemm_s(rows, model.head_dim, seq_len, gpu, dtype, c)
