@@ -20,6 +20,7 @@ import pytest
 from cli.main import main
 from planner.export import export_plan
 from planner.export.megatron import megatron_split
+from planner.export.torchtitan import torchtitan_split
 from planner.plan import Plan, build_plan, load_plan
 
 HEADLINE = (
@@ -176,6 +177,23 @@ def test_headline_plan_round_trips_through_every_target(plans: dict[str, Path]) 
     assert ds.differences == ()
 
 
+def _split_from_flags(plan: Plan, target: str, text: str) -> tuple[int, ...] | None:
+    """The per-chunk split the exported flags make the target build."""
+    c, layers = plan.config, plan.model.layers
+    if target == "torchtitan":
+        g = vars(_torchtitan_parser().parse_args(_after(text, "torchtitan.train")))
+        w_in = g["parallelism.pipeline_parallel_first_stage_less_layers"]
+        w_out = g["parallelism.pipeline_parallel_last_stage_less_layers"]
+        per = g["parallelism.pipeline_parallel_layers_per_stage"]
+        assert -(-(layers + w_in + w_out) // per) == c.num_chunks  # torchtitan's stage count
+        return torchtitan_split(layers, c.num_chunks, w_in, w_out)
+    ns = _check_megatron(plan, text)
+    if ns.num_layers_per_virtual_pipeline_stage is not None:
+        assert ns.num_layers_per_virtual_pipeline_stage * c.num_chunks == layers
+    first, last = ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers
+    return megatron_split(layers, c.pp, c.virtual_stages, first, last)
+
+
 def test_interleaved_plan_round_trips_and_prices_its_split(plans: dict[str, Path]) -> None:
     plan = load_plan(plans["interleaved"])
     c = plan.config
@@ -188,7 +206,10 @@ def test_interleaved_plan_round_trips_and_prices_its_split(plans: dict[str, Path
         diffs = [d for d in ex.differences if "split" in d.what]
         assert len(diffs) == 1, [d.what for d in ex.differences]
         d = diffs[0]
-        assert d.config_changes == {"stage_layers": (10,) * 8}
+        # the split priced is the one the exported flags build, and it is not the plan's
+        built = _split_from_flags(plan, target, ex.text)
+        assert d.config_changes == {"stage_layers": built}
+        assert built != split and sum(built) == plan.model.layers
         assert d.plan_step_s is not None and d.closest_step_s is not None
         assert d.closest_step_s != d.plan_step_s
         assert f"{d.plan_step_s:.3f} s -> {d.closest_step_s:.3f} s" in d.line()
@@ -196,8 +217,6 @@ def test_interleaved_plan_round_trips_and_prices_its_split(plans: dict[str, Path
     assert tt_args[tt_args.index("--parallelism.pipeline_parallel_schedule") + 1] == (
         "Interleaved1F1B"
     )
-    ns = _check_megatron(plan, export_plan(plan, "megatron").text)
-    assert ns.num_layers_per_virtual_pipeline_stage == 10
     ds = export_plan(plan, "deepspeed")
     (d,) = ds.differences
     assert "tp=2" in d.what and "pp=4" in d.what and d.closest_step_s is not None
@@ -210,24 +229,24 @@ def test_interleaved_plan_round_trips_and_prices_its_split(plans: dict[str, Path
     )
 
 
-def test_megatron_uneven_first_and_last_ranks_are_expressed(plans: dict[str, Path]) -> None:
+def test_splits_the_targets_take_are_exported_exactly(plans: dict[str, Path]) -> None:
     plan = load_plan(plans["interleaved"])
-    # first and last pipeline ranks 18 blocks, the middle ones 22, each even over v=2
-    split = (9, 11, 11, 9, 9, 11, 11, 9)
-    assert megatron_split(80, 4, 2, 18, 18) == split
-    uneven = build_plan(
-        model=plan.model,
-        training=plan.training,
-        cluster=plan.cluster,
-        config=replace(plan.config, stage_layers=split),
-        prediction={},
-        source="test",
-    )
-    ex = export_plan(uneven, "megatron")
-    ns = _check_megatron(uneven, ex.text)
-    assert (ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers) == (18, 18)
-    assert ns.num_virtual_stages_per_pipeline_rank == 2
-    assert not [d for d in ex.differences if "split" in d.what]
+    for target, split in (
+        ("torchtitan", torchtitan_split(80, 8, 1, 1)),  # torchtitan's own default weights
+        ("megatron", megatron_split(80, 4, 2, 18, 18)),
+    ):
+        assert split is not None
+        exact = build_plan(
+            model=plan.model,
+            training=plan.training,
+            cluster=plan.cluster,
+            config=replace(plan.config, stage_layers=split),
+            prediction={},
+            source="test",
+        )
+        ex = export_plan(exact, target)
+        assert _split_from_flags(exact, target, ex.text) == split
+        assert not [d for d in ex.differences if "split" in d.what]
 
 
 def test_a_permuted_rank_map_is_priced_against_the_identity(plans: dict[str, Path]) -> None:

@@ -24,6 +24,7 @@ from dataclasses import fields
 from planner.export.common import (
     Difference,
     Export,
+    closest_split,
     difference,
     finish,
     layout_differences,
@@ -45,24 +46,41 @@ _MAPPED = {
 CP_COMM = {CpAttention.ALL_GATHER_KV: "allgather", CpAttention.ULYSSES: "a2a"}
 
 
-def megatron_split(layers: int, pp: int, v: int, first: int | None, last: int | None):
-    """The per-chunk split Megatron builds from its flags (chunk k on pipeline rank k % pp)."""
+def megatron_split(
+    layers: int, pp: int, v: int, first: int | None, last: int | None
+) -> tuple[int, ...] | None:
+    """The per-chunk split Megatron builds from its flags (chunk k on pipeline rank k % pp):
+    the first / last rank take `first` / `last` blocks when given, the other ranks the rest
+    evenly, and each rank's blocks are split evenly over its `v` virtual stages. None when
+    the flags do not divide so."""
     per_rank = [0] * pp
-    f = first if first is not None else None
-    rest_ranks = list(range(pp))
-    remaining = layers
-    if f is not None:
-        per_rank[0], remaining, rest_ranks = f, remaining - f, rest_ranks[1:]
+    rest, remaining = list(range(pp)), layers
+    if first is not None:
+        per_rank[0], remaining, rest = first, remaining - first, rest[1:]
     if last is not None and pp > 1:
-        per_rank[pp - 1], remaining, rest_ranks = last, remaining - last, rest_ranks[:-1]
-    if rest_ranks:
-        if remaining % len(rest_ranks):
+        per_rank[pp - 1], remaining, rest = last, remaining - last, rest[:-1]
+    if rest:
+        if remaining % len(rest):
             return None
-        for r in rest_ranks:
-            per_rank[r] = remaining // len(rest_ranks)
+        for r in rest:
+            per_rank[r] = remaining // len(rest)
+    elif remaining:
+        return None
     if any(n % v or n < v for n in per_rank):
         return None
     return tuple(per_rank[k % pp] // v for k in range(pp * v))
+
+
+def _megatron_splits(layers: int, pp: int, v: int):
+    """Every split the flags can give, with (first, last) (None: not given)."""
+    even = megatron_split(layers, pp, v, None, None)
+    if even is not None:
+        yield even, (None, None)
+    for first in range(v, layers + 1, v):
+        for last in range(v, layers - first + 1, v):
+            split = megatron_split(layers, pp, v, first, last)
+            if split is not None:
+                yield split, (first, last)
 
 
 def _split_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) -> list[str]:
@@ -70,33 +88,38 @@ def _split_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) ->
     if c.pp == 1:
         return []
     split, v = c.layers_per_chunk(plan.model), c.virtual_stages
-    if split == megatron_split(layers, c.pp, v, None, None):
-        if v == 1:
-            return []
-        return ["--num-layers-per-virtual-pipeline-stage", str(split[0])]
-    first = sum(split[k] for k in range(0, c.pp * v, c.pp))
-    last = sum(split[k] for k in range(c.pp - 1, c.pp * v, c.pp))
-    if split == megatron_split(layers, c.pp, v, first, last):
-        args = [
-            "--decoder-first-pipeline-num-layers",
-            str(first),
-            "--decoder-last-pipeline-num-layers",
-            str(last),
-        ]
-        return args + (["--num-virtual-stages-per-pipeline-rank", str(v)] if v > 1 else [])
-    diffs.append(
-        split_difference(
-            plan,
-            profile,
-            "Megatron",
-            "it splits evenly, or with the first and last rank's counts given and the middle "
-            "ranks even, each rank even over its virtual stages",
+    chosen = closest_split(plan, profile, _megatron_splits(layers, c.pp, v))
+    if chosen is None:
+        diffs.append(
+            Difference(
+                what=f"Megatron's split flags cannot give {c.num_chunks} chunks of {layers} "
+                "layers (each rank's blocks must divide over its virtual stages)",
+                closest="none",
+                unpriced_why="no expressible split to price",
+            )
         )
-    )
-    even = megatron_split(layers, c.pp, v, None, None)
-    if even is None:
         return []
-    return ["--num-layers-per-virtual-pipeline-stage", str(even[0])] if v > 1 else []
+    closest, (first, last) = chosen
+    if closest != split:
+        diffs.append(
+            split_difference(
+                plan,
+                profile,
+                "Megatron",
+                "it splits evenly, or with the first and last rank's counts given and the "
+                "middle ranks even, each rank even over its virtual stages",
+                closest,
+            )
+        )
+    if first is None:
+        return ["--num-layers-per-virtual-pipeline-stage", str(closest[0])] if v > 1 else []
+    args = [
+        "--decoder-first-pipeline-num-layers",
+        str(first),
+        "--decoder-last-pipeline-num-layers",
+        str(last),
+    ]
+    return args + (["--num-virtual-stages-per-pipeline-rank", str(v)] if v > 1 else [])
 
 
 def _parallel_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) -> list[str]:

@@ -13,8 +13,10 @@ Mapping notes (why):
 - `local_batch_size` is per data-parallel rank. Without PP torchtitan accumulates gradients
   over global / (local * dp) forward passes, so local = micro_batch; with PP the pipeline cuts
   local into local / microbatch_size micro-batches, so local = global / dp.
-- The split: `pipeline_parallel_layers_per_stage` with first/last_stage_less_layers 0 gives
-  equal chunks of blocks (the plan's stage_layers count blocks only, not the embedding/head).
+- The split: torchtitan counts the embedding as `first_stage_less_layers` layers and the head
+  as `last_stage_less_layers`, spreads the sum evenly (extras first) and builds
+  ceil(sum / layers_per_stage) chunks (torchtitan/distributed/pipeline_parallel.py, 02ef790).
+  The exporter searches those three flags for the plan's split, else for the nearest one.
 - torchtitan always runs sequence parallelism with TP.
 """
 
@@ -25,12 +27,12 @@ import shlex
 from planner.export.common import (
     Difference,
     Export,
+    closest_split,
     difference,
     finish,
     layout_differences,
     node_layout,
     split_difference,
-    uniform_split,
 )
 from planner.parallel import Recompute, Schedule
 from planner.plan import Plan
@@ -103,6 +105,41 @@ def _dp_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) -> li
     ]
 
 
+def torchtitan_split(layers: int, chunks: int, w_in: int, w_out: int) -> tuple[int, ...] | None:
+    """The blocks per chunk torchtitan builds (pipeline_parallel.py, pipeline_llm and
+    generate_llm_fqn_per_model_part): the embedding counts as `w_in` layers and the head as
+    `w_out`; the layers + w_in + w_out are spread evenly (extras first) and the first / last
+    chunk give up w_in / w_out blocks. None when no chunk is left with a block."""
+    effective = layers + w_in + w_out
+    base, extra = divmod(effective, chunks)
+    if w_in > base or w_out > base:
+        return None  # torchtitan refuses weights above the smallest stage
+    split = [base + (1 if k < extra else 0) for k in range(chunks)]
+    split[0] -= w_in
+    split[-1] -= w_out
+    return tuple(split) if min(split) >= 1 and sum(split) == layers else None
+
+
+def layers_per_stage_for(layers: int, chunks: int, w_in: int, w_out: int) -> int | None:
+    """A pipeline_parallel_layers_per_stage that makes torchtitan build `chunks` stages
+    (it builds ceil((layers + w_in + w_out) / layers_per_stage))."""
+    effective = layers + w_in + w_out
+    for per in range(-(-effective // chunks), 0, -1):
+        if -(-effective // per) == chunks:
+            return per
+    return None
+
+
+def _torchtitan_splits(layers: int, chunks: int):
+    """Every split the three flags can give, with the flags' values."""
+    for w_in in range(0, layers // chunks + 2):
+        for w_out in range(0, layers // chunks + 2):
+            split = torchtitan_split(layers, chunks, w_in, w_out)
+            per = layers_per_stage_for(layers, chunks, w_in, w_out)
+            if split is not None and per is not None:
+                yield split, (per, w_in, w_out)
+
+
 def _pp_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) -> list[str]:
     c = plan.config
     if c.pp == 1:
@@ -114,27 +151,38 @@ def _pp_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) -> li
         SCHEDULES[c.schedule],
     ]
     split = c.layers_per_chunk(plan.model)
-    uniform = uniform_split(plan)
-    if split != uniform:
+    chosen = closest_split(plan, profile, _torchtitan_splits(plan.model.layers, c.num_chunks))
+    if chosen is None:
+        diffs.append(
+            Difference(
+                what=f"torchtitan's layer-split flags cannot give {c.num_chunks} chunks of "
+                f"{plan.model.layers} layers",
+                closest="module_fqns_per_model_part in the TOML, one list per chunk",
+                unpriced_why="no command-line split to price",
+            )
+        )
+        return args
+    closest, (per, w_in, w_out) = chosen
+    if closest != split:
         diffs.append(
             split_difference(
                 plan,
                 profile,
                 "torchtitan",
-                "the command line takes one pipeline_parallel_layers_per_stage; "
-                "module_fqns_per_model_part in the TOML can list each chunk's layers",
+                "its flags spread the layers evenly, the embedding and head counted as "
+                "first/last_stage_less_layers; module_fqns_per_model_part in the TOML can "
+                "list each chunk's layers",
+                closest,
             )
         )
-    if uniform is not None:
-        args += [
-            "--parallelism.pipeline_parallel_layers_per_stage",
-            str(uniform[0]),
-            "--parallelism.pipeline_parallel_first_stage_less_layers",
-            "0",
-            "--parallelism.pipeline_parallel_last_stage_less_layers",
-            "0",
-        ]
-    return args
+    return args + [
+        "--parallelism.pipeline_parallel_layers_per_stage",
+        str(per),
+        "--parallelism.pipeline_parallel_first_stage_less_layers",
+        str(w_in),
+        "--parallelism.pipeline_parallel_last_stage_less_layers",
+        str(w_out),
+    ]
 
 
 def _precision_args(plan: Plan, profile: Profile | None, diffs: list[Difference]) -> list[str]:
