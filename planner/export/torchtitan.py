@@ -121,22 +121,24 @@ def torchtitan_split(layers: int, chunks: int, w_in: int, w_out: int) -> tuple[i
 
 
 def layers_per_stage_for(layers: int, chunks: int, w_in: int, w_out: int) -> int | None:
-    """A pipeline_parallel_layers_per_stage that makes torchtitan build `chunks` stages
-    (it builds ceil((layers + w_in + w_out) / layers_per_stage))."""
+    """A pipeline_parallel_layers_per_stage that makes torchtitan build `chunks` stages: it
+    builds ceil(E / per) of E = layers + w_in + w_out, which is `chunks` exactly for
+    E / chunks <= per < E / (chunks - 1), so the smallest candidate ceil(E / chunks) decides."""
     effective = layers + w_in + w_out
-    for per in range(-(-effective // chunks), 0, -1):
-        if -(-effective // per) == chunks:
-            return per
-    return None
+    per = -(-effective // chunks)
+    return per if -(-effective // per) == chunks else None
 
 
 def _torchtitan_splits(layers: int, chunks: int):
-    """Every split the three flags can give, with the flags' values."""
-    for w_in in range(0, layers // chunks + 2):
-        for w_out in range(0, layers // chunks + 2):
+    """Every split the three flags can give, with the flags' values (each weight is at most
+    the smallest stage, so at most `layers`)."""
+    for w_in in range(layers + 1):
+        for w_out in range(layers + 1):
             split = torchtitan_split(layers, chunks, w_in, w_out)
+            if split is None:
+                continue
             per = layers_per_stage_for(layers, chunks, w_in, w_out)
-            if split is not None and per is not None:
+            if per is not None:
                 yield split, (per, w_in, w_out)
 
 
