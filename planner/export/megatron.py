@@ -157,7 +157,8 @@ def _parallel_args(plan: Plan, profile: Profile | None, diffs: list[Difference])
                 plan,
                 profile,
                 f"Megatron's distributed optimizer is ZeRO-1 (full gradient buffer; plan: "
-                f"ZeRO-{c.zero})",
+                f"ZeRO-{c.zero}; its experimental --use-torch-fsdp2, without PP, is not "
+                "emitted)",
                 "ZeRO-1",
                 {"zero": 1},
             )
