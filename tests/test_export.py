@@ -236,14 +236,7 @@ def test_splits_the_targets_take_are_exported_exactly(plans: dict[str, Path]) ->
         ("megatron", megatron_split(80, 4, 2, 18, 18)),
     ):
         assert split is not None
-        exact = build_plan(
-            model=plan.model,
-            training=plan.training,
-            cluster=plan.cluster,
-            config=replace(plan.config, stage_layers=split),
-            prediction={},
-            source="test",
-        )
+        exact = _rebuilt(plan, stage_layers=split)
         ex = export_plan(exact, target)
         assert _split_from_flags(exact, target, ex.text) == split
         assert not [d for d in ex.differences if "split" in d.what]
@@ -253,18 +246,49 @@ def test_a_permuted_rank_map_is_priced_against_the_identity(plans: dict[str, Pat
     plan = load_plan(plans["headline"])
     n = plan.cluster.num_gpus
     perm = tuple(range(n - 1, -1, -1))
-    permuted = build_plan(
-        model=plan.model,
-        training=plan.training,
-        cluster=plan.cluster,
-        config=replace(plan.config, rank_to_gpu=perm),
-        prediction={},
-        source="test",
-    )
+    permuted = _rebuilt(plan, rank_to_gpu=perm)
     for target in ("torchtitan", "megatron", "deepspeed"):
         (d,) = [x for x in export_plan(permuted, target).differences if "rank" in x.what]
         assert d.closest == "the identity rank map"
         assert d.plan_step_s is not None and d.closest_step_s is not None
+
+
+def _rebuilt(plan: Plan, **config: object) -> Plan:
+    return build_plan(
+        model=plan.model,
+        training=plan.training,
+        cluster=plan.cluster,
+        config=replace(plan.config, **config),
+        prediction={},
+        source="test",
+    )
+
+
+def test_torchtitan_sequence_parallel_and_fp8(plans: dict[str, Path]) -> None:
+    plan = load_plan(plans["interleaved"])
+    no_sp = _rebuilt(plan, sequence_parallel=False)
+    (d,) = [x for x in export_plan(no_sp, "torchtitan").differences if "sequence" in x.what]
+    assert d.config_changes == {"sequence_parallel": True} and d.closest_step_s is not None
+    fp8 = replace(no_sp, training=replace(no_sp.training, fp8_linears=True))
+    tt = _after(export_plan(fp8, "torchtitan").text, "torchtitan.train")
+    assert tt[tt.index("--model.converters") + 1] == "float8"
+    ns = _check_megatron(fp8, export_plan(fp8, "megatron").text)
+    assert ns.fp8_format == "hybrid" and ns.bf16 and not ns.sequence_parallel
+    (d,) = [x for x in export_plan(fp8, "deepspeed").differences if "FP8" in x.what]
+    assert d.training_changes == {"fp8_linears": False} and d.closest_step_s is not None
+
+
+def test_a_mixed_gpu_cluster_is_reported_unpriced(plans: dict[str, Path]) -> None:
+    from presets import load_cluster
+
+    plan = load_plan(plans["headline"])
+    a100 = load_cluster("dgx-a100-80gb", 1).nodes[0]
+    nodes = tuple(a100 if i % 2 else n for i, n in enumerate(plan.cluster.nodes))
+    mixed = replace(plan, cluster=replace(plan.cluster, nodes=nodes))
+    for target in ("torchtitan", "megatron", "deepspeed"):
+        (d,) = [x for x in export_plan(mixed, target).differences if "mixed-GPU" in x.what]
+        assert d.closest_step_s is None and "already prices" in d.unpriced_why
+        assert "not priced" in d.line()
 
 
 def test_cli_prints_the_command_and_one_line_per_difference(
@@ -345,6 +369,8 @@ def test_megatron_argument_parser_parses_the_export(
 
 def test_megatron_core_model_parallel_config_takes_the_degrees(plans: dict[str, Path]) -> None:
     core = pytest.importorskip("megatron.core", reason="megatron-core is not installed")
+    import torch
+
     plan = load_plan(plans["interleaved"])
     ns = _check_megatron(plan, export_plan(plan, "megatron").text)
     cfg = core.ModelParallelConfig(
@@ -354,6 +380,8 @@ def test_megatron_core_model_parallel_config_takes_the_degrees(plans: dict[str, 
         expert_model_parallel_size=ns.expert_model_parallel_size,
         sequence_parallel=ns.sequence_parallel,
         virtual_pipeline_model_parallel_size=plan.config.virtual_stages,
+        pipeline_dtype=torch.bfloat16,  # required with pp > 1
+        bf16=True,
     )
     assert cfg.tensor_model_parallel_size == plan.config.tp
 
@@ -373,6 +401,16 @@ def test_deepspeed_config_accepts_the_export(plans: dict[str, Path]) -> None:
         def get_model_parallel_world_size(self) -> int:
             return 1
 
-    parsed = ds_config.DeepSpeedConfig(cfg, mpu=_Mpu())
+    # DeepSpeedConfig asks torch.distributed for the rank first and falls back to a world of
+    # 1 (ignoring the mpu) without a process group: give it a one-process gloo group.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parsed = ds_config.DeepSpeedConfig(cfg, mpu=_Mpu())
+    finally:
+        dist.destroy_process_group()
     assert parsed.train_batch_size == plan.training.global_batch
+    assert parsed.train_micro_batch_size_per_gpu == plan.config.micro_batch
+    assert parsed.gradient_accumulation_steps == plan.num_micro_batches
     assert parsed.zero_optimization_stage == plan.config.zero
