@@ -136,7 +136,20 @@ def _parallel_args(plan: Plan, profile: Profile | None, diffs: list[Difference])
     ]
     if c.cp > 1:
         args += ["--cp-comm-type", CP_COMM[c.cp_attention]]
-    if c.sequence_parallel:
+    sp = c.sequence_parallel
+    if c.ep > 1 and c.tp > 1 and not sp:
+        # Megatron refuses expert parallelism with TP unless sequence parallelism is on
+        diffs.append(
+            difference(
+                plan,
+                profile,
+                "Megatron needs sequence parallelism for expert parallelism with TP",
+                "sequence_parallel on",
+                {"sequence_parallel": True},
+            )
+        )
+        sp = True
+    if sp:
         args.append("--sequence-parallel")
     if c.schedule is Schedule.GPIPE:
         diffs.append(
