@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "cli.replan_cmd",
     "cli.memcheck_cmd",
     "cli.launch_cmd",
+    "cli.export_cmd",
     "cli.validate_cmd",
 )
 
