@@ -151,6 +151,11 @@ class DpSyncRecord:
     sync_spread_s: float
     gradient_bytes: int
     repeats: int
+    # The wrapper's own cost per micro-batch with sync off (its forward/backward hooks: the
+    # unit's state machine, gradient accumulation into its buffers), over the plain block's
+    # forward and backward. None in profiles measured before it was recorded.
+    forward_overhead_s: float | None = field(default=None, metadata={"json_omit_none": True})
+    backward_overhead_s: float | None = field(default=None, metadata={"json_omit_none": True})
 
     def __post_init__(self) -> None:
         owner = "dp sync record"

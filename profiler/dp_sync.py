@@ -12,6 +12,10 @@ alpha-beta fit says 2.4 ms): the wrapper copies gradients into a flat buffer, di
 copies them out around the collective, and on CPU all of it runs on the cores that compute.
 Only CPU profiles measure it (GPUs overlap the sync with backward on their own streams, which
 planner/cost/dp_sync.py models from the collective fit), and only ZeRO-0 (`replicate`).
+The same run times the wrapper's own hooks with sync off against the plain block, per
+micro-batch: 0.66 ms forward and 0.26 ms backward per small-gpt block unit on the 2-core VM
+(2026-12-02, load ~1), which a dp2 micro-batch-1 step pays 4 x 6 units times; the cost model
+adds it to every unit's compute (planner/cost/rankcosts.py).
 """
 
 from __future__ import annotations
@@ -36,28 +40,32 @@ def measure_dp_sync_case(
     device_name: str,
     mesh: object,
 ) -> DpSyncRecord:
-    """Backward with sync off, then on, each `warmup` + `repeats` times (micro-batch 1); the
-    record is the median of on minus the median of off."""
+    """The plain block's forward and backward, then under `replicate` with sync off, then
+    on, each `warmup` + `repeats` times (micro-batch 1): the sync is the median backward with
+    it on minus off, the wrapper's overhead the medians with it off minus the plain block's."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
 
     case = ComputeCase(block=block, tp=1, micro_batch=1, recompute=Recompute.NONE)
     module = build_block(spec, case, device, settings.dtype)
-    replicate(module, mesh=mesh)  # type: ignore[arg-type]
     step = _Step(spec, case, module, device, settings.dtype, settings.seq_len)
-    toggle = module.set_requires_gradient_sync  # type: ignore[operator]
 
-    def backward_times(sync: bool) -> list[float]:
-        toggle(sync)
-        out = []
+    def times(toggle: Callable[[bool], None] | None, sync: bool) -> tuple[list[float], list[float]]:
+        if toggle is not None:
+            toggle(sync)
+        fwd, bwd = [], []
         for i in range(settings.warmup + settings.repeats):
-            step.forward()
-            t = dev.time_region(device, step.backward)
+            f = dev.time_region(device, step.forward)
+            b = dev.time_region(device, step.backward)
             if i >= settings.warmup:
-                out.append(t)
-        return out
+                fwd.append(f)
+                bwd.append(b)
+        return fwd, bwd
 
-    off = backward_times(False)
-    on = backward_times(True)
+    plain_f, plain_b = times(None, False)
+    replicate(module, mesh=mesh)  # type: ignore[arg-type]
+    toggle = module.set_requires_gradient_sync  # type: ignore[operator]
+    off_f, off = times(toggle, False)
+    _, on = times(toggle, True)
     return DpSyncRecord(
         block=block,
         device_name=device_name,
@@ -66,6 +74,8 @@ def measure_dp_sync_case(
         sync_spread_s=iqr(on),
         gradient_bytes=sum(p.numel() * p.element_size() for p in module.parameters()),
         repeats=settings.repeats,
+        forward_overhead_s=max(median(off_f) - median(plain_f), 0.0),
+        backward_overhead_s=max(median(off) - median(plain_b), 0.0),
     )
 
 

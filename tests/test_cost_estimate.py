@@ -375,3 +375,35 @@ def test_measured_dp_unit_sync_prices_zero0_on_cpu_workers() -> None:
     assert estimate(model, training, cluster, z2, measured).breakdown.dp_comm_s == pytest.approx(
         estimate(model, training, cluster, z2, base).breakdown.dp_comm_s
     )
+
+
+def test_dp_wrapper_overhead_is_paid_per_unit_and_micro_batch() -> None:
+    """The replicate wrapper's measured hook cost (sync off) lands on every unit's compute, once
+    per micro-batch: 4 blocks + the root's embedding and head, times m = 4."""
+    from planner.profile import DpSyncRecord
+
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("cpu-2")
+    training = TrainingSpec(global_batch=8, seq_len=128, dtype=Dtype.FP32)
+    block = _profile(model, "cpu").compute[0]
+    compute = tuple(
+        replace(block, block=kind, micro_batch=mb) for kind in BlockKind for mb in (1, 2, 4)
+    )
+    base = replace(
+        tiny_cpu_profile(2), meta=replace(tiny_cpu_profile(2).meta, model=model), compute=compute
+    )
+
+    def records(fwd: float | None, bwd: float | None) -> tuple[DpSyncRecord, ...]:
+        return tuple(
+            DpSyncRecord(
+                block=k, device_name="cpu", group_size=2, sync_s=0.001, sync_spread_s=0.0,
+                gradient_bytes=1, repeats=3, forward_overhead_s=fwd, backward_overhead_s=bwd,
+            )
+            for k in BlockKind
+        )  # fmt: skip
+
+    config = ParallelConfig(tp=1, pp=1, dp=2, micro_batch=1)
+    old = estimate(model, training, cluster, config, replace(base, dp_sync=records(None, None)))
+    new = estimate(model, training, cluster, config, replace(base, dp_sync=records(0.002, 0.001)))
+    units = model.layers + 2  # blocks, embedding, head
+    assert new.breakdown.compute_s - old.breakdown.compute_s == pytest.approx(4 * units * 0.003)

@@ -93,6 +93,13 @@ def test_quick_profile_times_tp_and_the_optimizer_as_the_executor_runs_them(
     syncs = {r.block: r for r in prof.dp_sync or ()}
     assert set(syncs) == set(BlockKind)
     assert all(r.group_size == 2 and r.sync_s >= 0 and r.gradient_bytes > 0 for r in syncs.values())
+    # and the wrapper's own hook cost per micro-batch with sync off, over the plain block
+    assert all(
+        r.forward_overhead_s is not None and r.forward_overhead_s >= 0 for r in syncs.values()
+    )
+    assert all(
+        r.backward_overhead_s is not None and r.backward_overhead_s >= 0 for r in syncs.values()
+    )
 
 
 @pytest.mark.slow

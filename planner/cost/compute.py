@@ -196,6 +196,11 @@ class DpUnitSync:
     block_s: float
     embedding_s: float
     head_s: float
+    # the wrapper's own forward/backward cost per micro-batch of a block unit and of the root
+    # parts (sync off; 0 in profiles without it)
+    block_overhead: tuple[float, float] = (0.0, 0.0)
+    embedding_overhead: tuple[float, float] = (0.0, 0.0)
+    head_overhead: tuple[float, float] = (0.0, 0.0)
 
     def root_s(self, *, embedding: bool, head: bool) -> float:
         """The root unit (embedding and/or head of a chunk) as the sum of the parts it holds."""
@@ -205,17 +210,25 @@ class DpUnitSync:
 def dp_sync_lookup(profile: Profile, *, device_name: str, group_size: int) -> DpUnitSync | None:
     """The profile's DP sync records for this device and group size, or None when a block kind
     is missing (the caller prices the sync from the collective fit)."""
-    recs = {
-        r.block: r.sync_s
+    found = {
+        r.block: r
         for r in profile.dp_sync or ()
         if r.device_name == device_name and r.group_size == group_size
     }
-    if set(recs) != set(BlockKind):
+    if set(found) != set(BlockKind):
         return None
+
+    def overhead(kind: BlockKind) -> tuple[float, float]:
+        r = found[kind]
+        return (r.forward_overhead_s or 0.0, r.backward_overhead_s or 0.0)
+
     return DpUnitSync(
-        block_s=recs[BlockKind.TRANSFORMER_BLOCK],
-        embedding_s=recs[BlockKind.EMBEDDING],
-        head_s=recs[BlockKind.HEAD_AND_LOSS],
+        block_s=found[BlockKind.TRANSFORMER_BLOCK].sync_s,
+        embedding_s=found[BlockKind.EMBEDDING].sync_s,
+        head_s=found[BlockKind.HEAD_AND_LOSS].sync_s,
+        block_overhead=overhead(BlockKind.TRANSFORMER_BLOCK),
+        embedding_overhead=overhead(BlockKind.EMBEDDING),
+        head_overhead=overhead(BlockKind.HEAD_AND_LOSS),
     )
 
 

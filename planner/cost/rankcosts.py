@@ -473,6 +473,7 @@ def build_rank_costs(
         for r in range(pp)
     )
     dp_links = arrays.axis_links(MeshAxis.DP)
+    blocks, emb, head = _with_dp_wrapper_overhead(blocks, emb, head, dp_sync, last_rank)
     return RankCosts(
         pp=pp,
         virtual_stages=v,
@@ -513,3 +514,29 @@ def build_rank_costs(
         source=source,
         notes=tuple(dict.fromkeys(notes)),
     )
+
+
+def _with_dp_wrapper_overhead(
+    blocks: list[PartTimes],
+    emb: PartTimes,
+    head: PartTimes,
+    dp_sync: tuple[compute.DpUnitSync | None, ...],
+    last_rank: int,
+) -> tuple[list[PartTimes], PartTimes, PartTimes]:
+    """The data-parallel wrapper's own cost per micro-batch (its hooks, sync off; measured by
+    the profiler as `DpSyncRecord.forward/backward_overhead_s`) on the compute of every unit,
+    where the rank's sync is measured (ZeRO-0 on CPU workers: nothing overlaps it there)."""
+
+    def add(p: PartTimes, overhead: tuple[float, float]) -> PartTimes:
+        return replace(
+            p,
+            fwd_compute_s=p.fwd_compute_s + overhead[0],
+            bwd_compute_s=p.bwd_compute_s + overhead[1],
+        )
+
+    out = [add(b, u.block_overhead) if (u := dp_sync[r]) else b for r, b in enumerate(blocks)]
+    if dp_sync and (u := dp_sync[0]) is not None:
+        emb = add(emb, u.embedding_overhead)
+    if dp_sync and (u := dp_sync[last_rank]) is not None:
+        head = add(head, u.head_overhead)
+    return out, emb, head
