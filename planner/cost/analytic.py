@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.cost import moe
 from planner.cost.kernels import (
     KernelConstants,
     flash_attention_s,
@@ -94,24 +93,19 @@ def block_flops(
     ep: int = 1,
     moe_imbalance: float = 1.0,
 ) -> BlockFlops:
-    """Forward FLOPs of one block per TP rank (2 FLOPs per multiply-add).
+    """Forward FLOPs of one block per TP rank (2 FLOPs per multiply-add), one entry per GEMM
+    of `_block_linears` (the same list block_times prices).
 
     GPT shape (Narayanan et al. 2021 Sec. 5.1 / Eq. 3): 24*B*s*h^2 + 4*B*s^2*h, generalised by
     counting each matmul: q/k/v projections 2*T*h*(q_dim + 2*kv_dim) (GQA), output 2*T*q_dim*h,
     MLP 2 (GELU) or 3 (SwiGLU) GEMMs of 2*T*h*ffn, attention 2 * 2*B*s^2*q_dim. An MoE block's
-    feed-forward is the router, shared and local-expert GEMMs of planner/cost/moe.py at expert-
-    parallel degree `ep` with the busiest rank's `moe_imbalance` (1: the model FLOPs).
+    feed-forward is the router, shared and local-expert GEMMs (planner/cost/moe.py's rules) at
+    expert-parallel degree `ep` with the busiest rank's `moe_imbalance` (1: the model FLOPs).
     """
     tokens = micro_batch * seq_len
-    h, f = model.hidden, model.ffn_hidden
-    qkv = 2.0 * tokens * h * (model.q_dim + 2 * model.kv_dim) / tp
-    out = 2.0 * tokens * model.q_dim * h / tp
-    mlp_one = 2.0 * tokens * h * f / tp
-    mlp = (mlp_one,) * (2 if model.mlp is MlpKind.GELU else 3)
-    if model.moe is not None:
-        mlp = moe.mlp_gemm_flops(model, tokens, tp, ep, moe_imbalance)
+    linears = _block_linears(model, tokens, tp, ep, moe_imbalance)
     attention = 4.0 * micro_batch * seq_len * seq_len * model.q_dim / tp
-    return BlockFlops(gemms=(qkv, out, *mlp), attention=attention)
+    return BlockFlops(gemms=tuple(2.0 * r * n * k for r, n, k, _ in linears), attention=attention)
 
 
 def head_flops(model: ModelSpec, micro_batch: int, seq_len: int, tp: int) -> float:

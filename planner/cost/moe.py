@@ -93,39 +93,6 @@ def routed_copies(model: ModelSpec, tokens: int, ep: int, rules: MoeRules = EXEC
     return tokens * m.top_k * rules.imbalance(ep, m.experts)
 
 
-def mlp_gemm_flops(
-    model: ModelSpec,
-    tokens: int,
-    tp: int,
-    ep: int,
-    imbalance: float,
-    rules: MoeRules = EXECUTOR_MOE,
-) -> tuple[float, ...]:
-    """Forward FLOPs of each GEMM the MoE feed-forward issues on one rank (2 per multiply-add).
-
-    Router 2*T*h*E (replicated over TP); shared-expert gate 2*T*h; each shared expert's 2 or 3
-    GEMMs of 2*T*h*f_s/tp; each of the E/ep local experts' 2 or 3 GEMMs of 2*M*h*f_e/tp with
-    M = T*k*imbalance*ep/E tokens (with `gemm_per_local_expert` off: 2 or 3 GEMMs over all
-    T*k*imbalance copies). At ep = 1 and imbalance 1 the routed GEMMs sum to k dense MLPs of
-    f_e per token: the active parameters' 2 * N_active FLOPs per token.
-    """
-    m = model.moe
-    assert m is not None
-    h, n = model.hidden, _mats(model)
-    out = [2.0 * tokens * h * m.experts]
-    if m.shared_expert_gate:
-        out.append(2.0 * tokens * h)
-    out += [2.0 * tokens * h * m.shared_ffn_hidden / tp] * (n * m.shared_experts)
-    copies = tokens * m.top_k * imbalance
-    if rules.gemm_per_local_expert:
-        local = m.experts // ep
-        per_expert = copies / local
-        out += [2.0 * per_expert * h * m.expert_ffn_hidden / tp] * (n * local)
-    else:
-        out += [2.0 * copies * h * m.expert_ffn_hidden / tp] * n
-    return tuple(out)
-
-
 def mlp_activation_bytes_per_token(
     model: ModelSpec, tp: int, ep: int, dtype_bytes: int, rules: MoeRules = EXECUTOR_MOE
 ) -> float:
