@@ -847,13 +847,13 @@ class TrainingSpec:
             )
         if self.fp8_linears and self.dtype is not Dtype.BF16:
             raise SpecError(f"training.fp8_linears needs dtype=bf16 (got {self.dtype.value})")
+        if self.optimizer != "adam":
+            raise SpecError(f"training.optimizer={self.optimizer!r} is not supported; use adam")
 
     @property
     def gemm_dtype(self) -> Dtype:
         """The input type of the blocks' linear GEMMs."""
         return Dtype.FP8 if self.fp8_linears else self.dtype
-        if self.optimizer != "adam":
-            raise SpecError(f"training.optimizer={self.optimizer!r} is not supported; use adam")
 
     def check_model(self, model: ModelSpec) -> None:
         if self.seq_len > model.max_seq_len:

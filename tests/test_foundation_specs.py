@@ -355,3 +355,8 @@ def test_moe_dense_first_layers_and_interval():
 def test_moe_fields_are_checked(moe, match):
     with pytest.raises(SpecError, match=match):
         _mixtral(**moe)
+
+
+def test_training_refuses_other_optimizers():
+    with pytest.raises(SpecError, match="training.optimizer='sgd' is not supported; use adam"):
+        TrainingSpec(global_batch=8, seq_len=16, optimizer="sgd")
