@@ -87,7 +87,6 @@ def read_hf_config(cfg: Any, name: str, origin: str) -> ReadModel:
     c = HfConfig(cfg, origin, model_type)
     c.ignore(*NUMERIC_IGNORED)
     fields = REGISTRY[model_type][1](c)
-    fields = {k: v for k, v in fields.items() if v is not None or k in ("moe", "mla")}
     ignored = c.finish()
     try:
         spec = ModelSpec(name=name, **fields)

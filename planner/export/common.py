@@ -115,9 +115,9 @@ def difference(
     config_changes: dict[str, Any] | None = None,
     training_changes: dict[str, Any] | None = None,
 ) -> Difference:
-    """A Difference priced by re-estimating the plan with the closest plan's changes."""
+    """A Difference priced by re-estimating the plan with the closest plan's changes (the
+    plan's own step, the same for every difference, is filled in once by `finish`)."""
     cc, tc = dict(config_changes or {}), dict(training_changes or {})
-    old, _ = price(plan, profile)
     try:
         new, fits = price(plan, profile, cc, tc)
     except ConfigError as e:
@@ -131,7 +131,6 @@ def difference(
     return Difference(
         what=what,
         closest=closest,
-        plan_step_s=old,
         closest_step_s=new,
         closest_fits=fits,
         config_changes=cc,
@@ -145,8 +144,10 @@ def finish(
     diffs: list[Difference],
     **fields: Any,
 ) -> Export:
-    """The Export with the plan's step and that of all priced differences applied together."""
+    """The Export with the plan's step (estimated once, and set on every priced difference)
+    and that of all priced differences applied together."""
     old, _ = price(plan, profile)
+    diffs = [replace(d, plan_step_s=old) if d.closest_step_s is not None else d for d in diffs]
     cc: dict[str, Any] = {}
     tc: dict[str, Any] = {}
     for d in diffs:

@@ -222,7 +222,7 @@ def _moe_args(m: ModelSpec) -> list[str]:
         str(moe.expert_ffn_hidden),
     ]
     if moe.shared_experts:
-        size = moe.shared_experts * (moe.shared_ffn_hidden or moe.expert_ffn_hidden)
+        size = moe.shared_experts * moe.shared_ffn_hidden  # MoeSpec fills it (0: routed size)
         args += ["--moe-shared-expert-intermediate-size", str(size)]
     pattern = [1 if moe.is_moe_layer(i) else 0 for i in range(m.layers)]
     if not all(pattern):
