@@ -32,7 +32,13 @@ from planner.plan import Plan, build_plan
 from planner.planning import DEFAULT_PLACEMENT_BUDGET_S, PlannedResult, place_winner
 from planner.profile import CollectiveRecord, P2PRecord, Profile
 from planner.search import search
-from planner.search_space import SearchOptions, enumerate_configs
+from planner.search_space import (
+    SearchOptions,
+    _divisors,
+    _gpus_per_node,
+    _pick,
+    enumerate_configs,
+)
 from planner.specs import MAX_GLOBAL_BATCH, ClusterSpec, NodeSpec, TrainingSpec
 
 _NODE = re.compile(r"^(?:node)?(\d+)$")
@@ -240,12 +246,9 @@ def _dp_degrees(model: Any, cluster: ClusterSpec, options: SearchOptions) -> set
     """Data-parallel degrees the search could use on `cluster` for some global batch (the
     (tp, pp) rules of search_space.enumerate_configs, without the batch's)."""
     world = cluster.num_gpus
-    gpn = 0
-    for node in cluster.nodes:
-        gpn = math.gcd(gpn, node.gpus)
-    top = world if "tp" in options.allow else gpn
+    top = world if "tp" in options.allow else _gpus_per_node(cluster)
     fix = options.fix
-    tps = [fix["tp"]] if "tp" in fix else [t for t in range(1, top + 1) if top % t == 0]
+    tps = _pick(fix, "tp", _divisors(top))
     out = set()
     for tp in tps:
         if world % tp or model.tp_divisible(tp):
