@@ -360,3 +360,15 @@ def test_tp_completes_the_routing_gradient_with_one_all_reduce() -> None:
     routing = ring_s(CollectiveOp.ALL_REDUCE, 2, 4096 * K * 2, bw, 2e-6)
     assert rc.block[0].fwd_tp_s == pytest.approx(dense_ar)
     assert rc.block[0].bwd_tp_s == pytest.approx(dense_ar + routing)
+
+
+def test_moe_with_context_parallelism_shards_experts_over_dp_and_cp() -> None:
+    """cp = 2 with ep = 1: the experts' data-parallel group is the dp x cp group (4 ranks here),
+    as ZeRO shards everything else; this configuration used to fail building that group."""
+    model = mixtral()
+    cluster = presets.load_cluster("dgx-h100", 2)
+    training = TrainingSpec(global_batch=8, seq_len=8192)
+    cfg = ParallelConfig(tp=4, pp=1, dp=2, cp=2, micro_batch=1, zero=1)
+    rc = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS)
+    assert rc.expert_dp is not None and rc.expert_dp.links[0].size == 4
+    assert estimate(model, training, cluster, cfg).step_time_s > 0

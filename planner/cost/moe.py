@@ -210,7 +210,8 @@ def expert_dp_links(
 ) -> GroupLinks:
     """The expert-data-parallel groups that reduce (and under ZeRO shard) one expert's
     gradients: the dp / ep ranks of equal e, i.e. the mesh read as (pp, dp/ep, ep * tp)."""
-    return _dp_axis_of(cluster, config, 1, config.dp // config.ep, config.ep * config.tp, eff)
+    # dp_cp: with cp > 1 (ep = 1 then) the experts' data-parallel group is the dp x cp group
+    return _dp_axis_of(cluster, config, 1, config.dp_cp // config.ep, config.ep * config.tp, eff)
 
 
 def all_to_all_pass_s(

@@ -404,7 +404,7 @@ def build_rank_costs(
     state = memory.state_bytes_per_param(
         dtype, training.grad_dtype, config.zero, config.dp_cp, pipelined=pp > 1, rules=rules
     )
-    expert_dp = config.dp // config.ep
+    expert_dp = config.dp_cp // config.ep  # ZeRO shards over dp x cp (estimate.py alike)
     expert_state = (
         memory.state_bytes_per_param(
             dtype, training.grad_dtype, config.zero, expert_dp, pipelined=pp > 1, rules=rules
