@@ -72,6 +72,13 @@ def balanced_split(layers: int, chunks: int) -> tuple[int, ...]:
     return tuple(base + (1 if k < extra else 0) for k in range(chunks))
 
 
+def ulysses_fits(model: ModelSpec, tp: int, cp: int) -> bool:
+    """Ulysses gives each CP rank heads/(tp*cp) query heads and needs whole K/V heads too: cp
+    must divide the KV heads of a TP rank (Jacobs et al. 2023 Sec. 3.3: the degree is bounded
+    by the head count; GQA's KV heads bound it first)."""
+    return (model.kv_heads // tp) % cp == 0 and (model.heads // tp) % cp == 0
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     """One point of the configuration space. See the module docstring for the conventions."""
@@ -270,9 +277,7 @@ class ParallelConfig:
             if kind is not CpAttention.ALL_GATHER_KV:
                 raise ConfigError(f"cp_attention={kind.value} needs cp > 1")
             return
-        if kind is CpAttention.ULYSSES and (
-            (model.heads // self.tp) % self.cp or (model.kv_heads // self.tp) % self.cp
-        ):
+        if kind is CpAttention.ULYSSES and not ulysses_fits(model, self.tp, self.cp):
             raise ConfigError(
                 f"cp_attention=ulysses needs cp={self.cp} to divide the heads and KV heads per "
                 f"TP rank ({model.heads}/{self.tp}, {model.kv_heads}/{self.tp}); use all_gather_kv"

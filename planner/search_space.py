@@ -15,7 +15,7 @@ from typing import Any
 
 from planner.cost import moe
 from planner.errors import SpecError
-from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule
+from planner.parallel import ConfigError, ParallelConfig, Recompute, Schedule, ulysses_fits
 from planner.runtime import EXECUTOR_CP, CpAttention
 from planner.specs import ClusterSpec, ModelSpec, TrainingSpec
 
@@ -208,7 +208,9 @@ def enumerate_configs(
                             fix, "sequence_parallel", [False, True] if tp > 1 else [False]
                         ):
                             for zero in _pick(fix, "zero", _zeros(allow, pp, dp * cp)):
-                                for ep in _pick(fix, "ep", _eps(model, dp, tp, gpn, allow)):
+                                for ep in _pick(
+                                    fix, "ep", _eps(model, dp, tp, gpn, allow) if cp == 1 else [1]
+                                ):
                                     try:
                                         cfg = ParallelConfig(
                                             tp=tp,
@@ -260,8 +262,7 @@ def _cp_attentions(model: ModelSpec, tp: int, cp: int) -> list[CpAttention]:
     return [
         k
         for k in EXECUTOR_CP.supported
-        if k is not CpAttention.ULYSSES
-        or ((model.heads // tp) % cp == 0 and (model.kv_heads // tp) % cp == 0)
+        if k is not CpAttention.ULYSSES or ulysses_fits(model, tp, cp)
     ]
 
 

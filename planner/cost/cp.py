@@ -29,7 +29,7 @@ from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants, PassTime
 from planner.cost.collectives import CollectiveOp, collective_s, message_s
 from planner.cost.comm import ClusterArrays, measured_collective_s
 from planner.cost.kernels import flash_attention_s
-from planner.parallel import MeshAxis, ParallelConfig
+from planner.parallel import MeshAxis, ParallelConfig, ulysses_fits
 from planner.profile import Profile
 from planner.runtime import ContextParallelRules, CpAttention, RuntimeSemantics
 from planner.specs import Dtype, GpuSpec, ModelSpec, TrainingSpec
@@ -127,13 +127,6 @@ class CpLink:
     size: int
     bandwidth_bytes_per_s: float
     latency_s: float
-
-
-def ulysses_fits(model: ModelSpec, tp: int, cp: int) -> bool:
-    """Ulysses gives each CP rank heads/(tp*cp) query heads and needs whole K/V heads too: cp
-    must divide the KV heads of a TP rank (Jacobs et al. 2023 Sec. 3.3: the degree is bounded
-    by the head count; GQA's KV heads bound it first)."""
-    return (model.kv_heads // tp) % cp == 0 and (model.heads // tp) % cp == 0
 
 
 def block_comm_times(
