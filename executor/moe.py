@@ -29,7 +29,7 @@ GELU: w2(gelu(x w1))), with biases when `spec.bias`. Shared experts (DeepSeekMoE
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -92,19 +92,40 @@ class GroupedMLP(nn.Module):
         self.bias_scale = 1.0  # set by ep.apply_ep under tensor parallelism
 
     @staticmethod
-    def _linear(m: GroupedLinear, x: torch.Tensor, j: int, bias_scale: float = 1.0) -> torch.Tensor:
-        y = x @ local(m.weight)[j]
-        if m.bias is None:
+    def _unbound(
+        m: GroupedLinear,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None]:
+        """Each expert's weight (and bias) as views of the local tensor, made once per forward:
+        one autograd node whose backward stacks the experts' gradients (indexing per expert
+        would sum n zero-filled full-size gradients instead)."""
+        b = local(m.bias).unbind(0) if m.bias is not None else None
+        return local(m.weight).unbind(0), b
+
+    @staticmethod
+    def _linear(
+        wb: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None],
+        x: torch.Tensor,
+        j: int,
+        bias_scale: float = 1.0,
+    ) -> torch.Tensor:
+        weights, biases = wb
+        y = x @ weights[j]
+        if biases is None:
             return y
-        bias = local(m.bias)[j]
+        bias = biases[j]
         return y + (bias if bias_scale == 1.0 else _ScaleForward.apply(bias, bias_scale))
 
-    def _one(self, x: torch.Tensor, j: int) -> torch.Tensor:
-        if self.w3 is not None:
-            hidden = F.silu(self._linear(self.w1, x, j)) * self._linear(self.w3, x, j)
+    def _params(self) -> tuple[Any, Any, Any]:
+        w3 = self._unbound(self.w3) if self.w3 is not None else None
+        return self._unbound(self.w1), w3, self._unbound(self.w2)
+
+    def _one(self, x: torch.Tensor, j: int, params: tuple[Any, Any, Any]) -> torch.Tensor:
+        w1, w3, w2 = params
+        if w3 is not None:
+            hidden = F.silu(self._linear(w1, x, j)) * self._linear(w3, x, j)
         else:
-            hidden = F.gelu(self._linear(self.w1, x, j), approximate="tanh")
-        return self._linear(self.w2, hidden, j, self.bias_scale)
+            hidden = F.gelu(self._linear(w1, x, j), approximate="tanh")
+        return self._linear(w2, hidden, j, self.bias_scale)
 
     @property
     def local_count(self) -> int:
@@ -116,12 +137,16 @@ class GroupedMLP(nn.Module):
         # One GEMM per expert (a grouped GEMM kernel would fuse them; the FLOPs are the same).
         # Experts with no rows still run (on 0 rows): every weight then gets a (zero)
         # gradient, so each rank's FSDP unit reduces in step with its peers.
-        return torch.cat([self._one(rows, j) for j, rows in enumerate(torch.split(x, counts))])
+        params = self._params()
+        return torch.cat(
+            [self._one(rows, j, params) for j, rows in enumerate(torch.split(x, counts))]
+        )
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._one(x, 0)
+        params = self._params()
+        out = self._one(x, 0, params)
         for j in range(1, self.local_count):
-            out = out + self._one(x, j)
+            out = out + self._one(x, j, params)
         return out
 
 
