@@ -9,7 +9,7 @@ Does not own: mixed precision of everything else (executor/dp.py, device.py auto
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 import torch
 from torch import nn
@@ -38,9 +38,9 @@ def check_fp8_supported(runtime: Runtime) -> None:
         raise ValueError("training.fp8_linears needs torchao (pip install torchao)")
 
 
-def apply_fp8(model: nn.Module, runtime: Runtime) -> None:
-    """Swap the linears under `model.layers` for torchao Float8Linear, in place."""
-    check_fp8_supported(runtime)
+def apply_fp8(model: nn.Module) -> None:
+    """Swap the linears under `model.layers` for torchao Float8Linear, in place (after
+    `check_fp8_supported`)."""
     from torchao.float8 import convert_to_float8_training
 
     def in_blocks(_module: nn.Module, fqn: str) -> bool:

@@ -33,7 +33,7 @@ from executor.cp import ContextParallel, apply_cp
 from executor.device import Runtime
 from executor.dp import apply_dp
 from executor.ep import apply_ep, set_aux_grad_scale
-from executor.fp8 import apply_fp8
+from executor.fp8 import apply_fp8, check_fp8_supported
 from executor.mesh import MeshInfo
 from executor.model import Transformer, init_weights, loss_fn
 from executor.pp import build_schedule, local_chunks, prune_to_chunk
@@ -72,6 +72,8 @@ def context_parallel(mesh: MeshInfo, plan: Plan) -> ContextParallel:
 def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> ParallelModel:
     """Apply pp -> tp -> materialise/init -> AC -> dp -> pipeline schedule, in that order."""
     cfg = plan.config
+    if plan.training.fp8_linears:
+        check_fp8_supported(runtime)  # before any chunk is built and initialised
     tie = plan.model.tied_embeddings and cfg.pp == 1
     chunks: list[tuple[StagePlan, Transformer]] = []
     for stage in local_chunks(plan, mesh.pp_rank):
@@ -85,7 +87,7 @@ def parallelize(plan: Plan, mesh: MeshInfo, runtime: Runtime, *, seed: int) -> P
         model.tie_weights()
         init_weights(model, seed)
         if plan.training.fp8_linears:
-            apply_fp8(model, runtime)
+            apply_fp8(model)
         for block in model.layers.values():
             apply_ac(block, cfg.recompute)
         if cfg.cp > 1:

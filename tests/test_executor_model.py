@@ -212,3 +212,15 @@ def test_single_gpu_bf16_run_trains() -> None:
     finally:
         dist.destroy_process_group()
     assert all(np.isfinite(losses)) and len(losses) == 5
+
+
+def test_fp8_linears_are_refused_without_an_fp8_gpu() -> None:
+    from executor.device import make_runtime
+    from executor.fp8 import check_fp8_supported
+    from planner.specs import Dtype
+
+    rt = make_runtime("cpu", local_rank=0, local_world_size=1, dtype=Dtype.BF16)
+    with pytest.raises(
+        ValueError, match="needs a CUDA GPU with FP8 tensor cores; this run is on cpu"
+    ):
+        check_fp8_supported(rt)
