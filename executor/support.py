@@ -26,6 +26,8 @@ def check_buildable(spec: ModelSpec) -> None:
     missing = [f for f in features_set(spec) if f not in EXECUTOR_FEATURES]
     if spec.position is PositionKind.ALIBI:
         missing.insert(0, "position=alibi")
+    if spec.moe is not None and spec.moe.router_bias:
+        missing.append("moe.router_bias")  # executor/moe.py's router is bias-free
     if missing:
         raise SpecError(
             f"model '{spec.name}': the executor does not build {', '.join(missing)}; it builds "

@@ -116,7 +116,7 @@ def _global_aux_loss(
     model: ParallelModel, plan: Plan, tp_rank: int, device: torch.device
 ) -> float | None:
     """The MoE load-balancing loss of the step (summed over layers, mean over micro-batches and
-    dp ranks), known to every rank; None for a dense model. The last m values per layer are
+    dp ranks and cp shards, as `_global_loss`), known to every rank; None for a dense model. The last m values per layer are
     the step's: pipelining's metadata inference runs one extra forward in the first step."""
     if plan.model.moe is None:
         return None
@@ -125,7 +125,7 @@ def _global_aux_loss(
         for moe in moe_modules(module):
             values = moe.pop_aux_losses()[-m:]
             total += float(torch.stack(values).mean()) if values else 0.0
-    value = torch.tensor(total if tp_rank == 0 else 0.0, device=device) / plan.config.dp
+    value = torch.tensor(total if tp_rank == 0 else 0.0, device=device) / plan.config.dp_cp
     dist.all_reduce(value)
     return float(value)
 

@@ -190,6 +190,17 @@ def test_executor_refuses_what_it_does_not_build():
         match=r"the executor does not build activation, mlp_bias, parallel_block, rope_fraction",
     ):
         Transformer(spec)
+    # gpt-oss's router bias: the executor's router is bias-free
+    from dataclasses import replace
+
+    import presets
+
+    mixtral = presets.load_model("mixtral-8x7b")
+    biased = replace(mixtral, moe=replace(mixtral.moe, router_bias=True))
+    import torch
+
+    with torch.device("meta"), pytest.raises(SpecError, match=r"does not build moe.router_bias"):
+        Transformer(replace(biased, layers=1))
 
 
 def test_null_means_off_where_transformers_reads_it_so():
