@@ -161,3 +161,35 @@ def test_sliding_window_prices_the_window_in_flash_attention() -> None:
     kw = dict(micro_batch=1, seq_len=s, tp=1, flash_attention=True, sequence_parallel=False,
               dropout=False, gpu=GPU, dtype=Dtype.BF16, recompute="none")  # fmt: skip
     assert analytic.block_times(mistral, **kw).forward_s < analytic.block_times(GPT, **kw).forward_s
+
+
+def test_norms_in_fp32_pay_their_casts() -> None:
+    # fused norm in bf16: read x, write y (2 + 2); under CUDA autocast the executor's norm runs
+    # in fp32: cast up (2 + 4), fp32 kernel (4 + 4), cast back (4 + 2) = 20
+    assert analytic.norm_bytes_per_element(2, None) == 4
+    assert analytic.norm_bytes_per_element(2, 4) == 20
+    assert analytic.norm_bytes_per_element(4, 4) == 8  # fp32 training: no casts
+    kw = dict(
+        micro_batch=2,
+        seq_len=1024,
+        tp=2,
+        flash_attention=True,
+        sequence_parallel=True,
+        dropout=False,
+        gpu=GPU,
+        dtype=Dtype.BF16,
+        recompute="none",
+    )
+    fused = analytic.block_times(GPT, **kw)
+    autocast = analytic.block_times(GPT, norm_input_bytes=4, **kw)
+    # two norms over the sequence-parallel shard, 16 extra bytes per element each
+    extra = kernels.memory_bound_s(2 * 16 * 2 * 1024 * H / 2, GPU, C)
+    assert autocast.forward_s - fused.forward_s == pytest.approx(extra)
+    assert autocast.backward_s - fused.backward_s == pytest.approx(2 * extra)
+    head = analytic.head_times(GPT, micro_batch=2, seq_len=1024, tp=2, gpu=GPU, dtype=Dtype.BF16)
+    head32 = analytic.head_times(
+        GPT, micro_batch=2, seq_len=1024, tp=2, gpu=GPU, dtype=Dtype.BF16, norm_input_bytes=4
+    )
+    assert head32.forward_s - head.forward_s == pytest.approx(
+        kernels.memory_bound_s(16 * 2 * 1024 * H, GPU, C)
+    )

@@ -207,10 +207,11 @@ def _elementwise_bytes(
     sequence_parallel: bool,
     dtype: Dtype,
     dropout: bool,
+    norm_input_bytes: int | None = None,
 ) -> float:
     """Bytes the memory-bound kernels of one block's forward read plus write (one TP rank).
 
-    Two norms (read x, write y), two residual adds (read 2, write 1), the MLP activation over
+    Two norms (`norm_bytes_per_element`), two residual adds (read 2, write 1), the MLP activation over
     the outputs of the linears that feed it (GELU: read and write; SwiGLU: read gate and up,
     write the product), RoPE on q and k (read and write), and with dropout two dropouts (read,
     write, 1-byte mask; Megatron fuses the bias add into them). Norms and adds run on the whole
@@ -219,11 +220,25 @@ def _elementwise_bytes(
     """
     d = dtype.nbytes
     seq_part = tokens * model.hidden / (tp if sequence_parallel else 1)
-    per_seq = 2 * 2 * d + 2 * 3 * d + (2 * (2 * d + 1) if dropout else 0)
+    norms = 2 * norm_bytes_per_element(d, norm_input_bytes)
+    per_seq = norms + 2 * 3 * d + (2 * (2 * d + 1) if dropout else 0)
     per_up = 2.0 if model.mlp is MlpKind.GELU else 1.5
     act = sum(per_up * d * rows * n for rows, n, _, up in linears if up)
     rope = 2 * d * tokens * (model.q_dim + model.kv_dim) / tp
     return per_seq * seq_part + act + (rope if model.position is PositionKind.ROPE else 0.0)
+
+
+def norm_bytes_per_element(compute_bytes: int, norm_input_bytes: int | None) -> float:
+    """Bytes one norm's forward streams per element. A fused norm in the compute dtype reads x
+    and writes y: 2d (Megatron's fused LayerNorm; `norm_input_bytes` None). A runtime whose
+    norms run in another precision (`MemoryRules.norm_input_bytes` f: CUDA autocast runs
+    layer_norm / rms_norm in fp32) adds the casts around the kernel: the input cast up (read d,
+    write f), the kernel in f (read f, write f), the output cast back to the compute dtype
+    (read f, write d; executor/model.py `_to_compute_dtype`): 2d + 4f."""
+    f = norm_input_bytes
+    if f is None or f == compute_bytes:
+        return 2.0 * compute_bytes
+    return 2.0 * compute_bytes + 4.0 * f
 
 
 def causal_window_fraction(model: ModelSpec, seq_len: int) -> float:
@@ -286,6 +301,7 @@ def block_times(
     ep: int = 1,
     moe_imbalance: float = 1.0,
     per_expert_gemms: bool = True,
+    norm_input_bytes: int | None = None,
 ) -> PassTimes:
     """Analytic forward/backward time of one block: its linears by GEMM shape
     (kernels.linear_s, in `gemm_dtype`: FP8 with fp8 linears; an MoE block's router, shared and
@@ -304,7 +320,9 @@ def block_times(
     attn_f, attn_b = _attention_core(
         model, micro_batch, seq_len, tp, flash_attention, dtype, dropout, gpu, c
     )
-    elem = _elementwise_bytes(model, linears, tokens, tp, sequence_parallel, dtype, dropout)
+    elem = _elementwise_bytes(
+        model, linears, tokens, tp, sequence_parallel, dtype, dropout, norm_input_bytes
+    )
     if gd is Dtype.FP8:
         # casts of the inputs in forward; of the output gradients and weights again in backward
         elem += sum(rows * k + k * n for rows, n, k, _ in linears) * (2 * dtype.nbytes + 1)
@@ -333,14 +351,19 @@ def head_times(
     gpu: GpuSpec,
     dtype: Dtype,
     c: KernelConstants = DEFAULT_CONSTANTS,
+    norm_input_bytes: int | None = None,
 ) -> PassTimes:
-    """Final norm + vocabulary projection (vocab-parallel, T x V/t x h) + cross-entropy."""
+    """Final norm (`norm_bytes_per_element`) + vocabulary projection (vocab-parallel,
+    T x V/t x h) + cross-entropy."""
     tokens = micro_batch * seq_len
     f, b = linear_s(tokens, -(-model.vocab // tp), model.hidden, gpu, dtype, c)
     d = dtype.nbytes
     logits = tokens * model.vocab / tp
     mem = memory_bound_s(
-        (LOSS_FORWARD_BYTES_PER_LOGIT + 2 * d) * logits + 2 * d * tokens * model.hidden, gpu, c
+        (LOSS_FORWARD_BYTES_PER_LOGIT + 2 * d) * logits
+        + norm_bytes_per_element(d, norm_input_bytes) * tokens * model.hidden,
+        gpu,
+        c,
     )
     return PassTimes(forward_s=f + mem, backward_s=b + mem)
 

@@ -203,12 +203,20 @@ def build_rank_costs(
                 if model.moe
                 else 1.0,
                 per_expert_gemms=runtime.moe.gemm_per_local_expert,
+                norm_input_bytes=rules.norm_input_bytes,
             ),
             "embedding": analytic.embedding_times(
                 model, micro_batch=mb, seq_len=seq, gpu=gpu, dtype=dtype, c=constants
             ),
             "head": analytic.head_times(
-                model, micro_batch=mb, seq_len=seq, tp=tp, gpu=gpu, dtype=dtype, c=constants
+                model,
+                micro_batch=mb,
+                seq_len=seq,
+                tp=tp,
+                gpu=gpu,
+                dtype=dtype,
+                c=constants,
+                norm_input_bytes=rules.norm_input_bytes,
             ),
         }
         if cp > 1:
