@@ -236,9 +236,8 @@ class CpAttention(str, Enum):
 class ContextParallelRules:
     """What a runtime's context parallelism runs and keeps (executor/cp.py for the executor)."""
 
-    # The CP attention the runtime runs by default, and all it can run (a plan chooses among
-    # these: ParallelConfig.cp_attention); the cost model shows the others for comparison.
-    attention: CpAttention
+    # The CP attentions the runtime can run (a plan chooses among these:
+    # ParallelConfig.cp_attention, whose default is all-gather K/V).
     supported: tuple[CpAttention, ...]
     # The K/V all-gather (and the dK/dV reduce-scatter) is issued inside the attention core on
     # the compute stream and waited for: no overlap with compute.
@@ -261,7 +260,6 @@ class ContextParallelRules:
 
 
 EXECUTOR_CP = ContextParallelRules(
-    attention=CpAttention.ALL_GATHER_KV,
     supported=(CpAttention.ALL_GATHER_KV, CpAttention.ULYSSES),
     comm_overlapped=False,
     saves_gathered_kv=True,
