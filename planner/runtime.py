@@ -44,9 +44,11 @@ class MemoryRules:
     Each field was read off the runtime and, for the executor, is tested against the saved
     tensors of its own block (tests/test_memory_parity.py) and memcheck."""
 
-    # Bytes per element a norm keeps of its input. CUDA autocast runs layer_norm / rms_norm in
-    # fp32 (AutocastCUDA), so the fused kernel saves an fp32 copy of a bf16 input: 4. None:
-    # the compute dtype (Megatron's fused LayerNorm, Korthikanti et al. 2022 Table 2).
+    # Bytes per element a norm keeps of its input, i.e. the precision it runs in. CUDA autocast
+    # runs layer_norm / rms_norm in fp32 (AutocastCUDA), so the fused kernel saves an fp32 copy
+    # of a bf16 input: 4. None: the compute dtype (Megatron's fused LayerNorm, Korthikanti et
+    # al. 2022 Table 2). The time model reads it too: the casts around an fp32 norm
+    # (planner/cost/analytic.py norm_bytes_per_element).
     norm_input_bytes: int | None
     # The norm's fp32 statistics (rstd; LayerNorm also the mean) are kept. Table 2 omits them.
     norm_stats: bool

@@ -169,17 +169,8 @@ def test_norms_in_fp32_pay_their_casts() -> None:
     assert analytic.norm_bytes_per_element(2, None) == 4
     assert analytic.norm_bytes_per_element(2, 4) == 20
     assert analytic.norm_bytes_per_element(4, 4) == 8  # fp32 training: no casts
-    kw = dict(
-        micro_batch=2,
-        seq_len=1024,
-        tp=2,
-        flash_attention=True,
-        sequence_parallel=True,
-        dropout=False,
-        gpu=GPU,
-        dtype=Dtype.BF16,
-        recompute="none",
-    )
+    kw = dict(micro_batch=2, seq_len=1024, tp=2, flash_attention=True, sequence_parallel=True,
+              dropout=False, gpu=GPU, dtype=Dtype.BF16, recompute="none")  # fmt: skip
     fused = analytic.block_times(GPT, **kw)
     autocast = analytic.block_times(GPT, norm_input_bytes=4, **kw)
     # two norms over the sequence-parallel shard, 16 extra bytes per element each
