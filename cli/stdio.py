@@ -74,10 +74,10 @@ def guarded_stdout(json_only: bool) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(BrokenPipeError):
-            # the reader went away (`meshplan ... | head`): nothing left to deliver
-            data.flush()
+            # the reader went away (`meshplan ... | head`): nothing left to deliver (close()
+            # flushes first and closes even when that flush fails)
+            data.close()
         sys.stdout = original
         _DATA_STREAM.reset(token)
-        data.close()
         os.dup2(saved_fd, 1)
         os.close(saved_fd)

@@ -94,3 +94,35 @@ def test_the_guard_keeps_native_writes_off_stdout(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert _one_document(r.stdout) == {"ok": True}
     assert "Running SomeSolver" in r.stderr and "a library's print" in r.stderr
+
+
+def test_a_reader_that_goes_away_mid_output_leaves_no_trace(tmp_path: Path) -> None:
+    """`meshplan ... | head`: head reads a line and leaves while meshplan still writes.
+
+    The write that fails raises BrokenPipeError (click's main turns it into exit 1); the guard
+    must still restore fd 1 and must not raise a second error from its own flush.
+    """
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from cli.stdio import guarded_stdout
+        r, w = os.pipe()
+        os.dup2(w, 1)
+        os.close(w)
+        before = os.fstat(1).st_ino
+        try:
+            with guarded_stdout(json_only=False):
+                print("first line")
+                os.close(r)  # the reader goes away
+                print("second line")
+        except BrokenPipeError:
+            pass
+        print("restored" if os.fstat(1).st_ino == before else "fd 1 not restored", file=sys.stderr)
+        """
+    )
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "restored", r.stderr
