@@ -37,6 +37,30 @@ class GradSync(str, Enum):
     AFTER_BACKWARD = "after_backward"
 
 
+class GradAccumulation(str, Enum):
+    """How a runtime sums the micro-batches' gradients within a step and stages them for the
+    data-parallel reduction; planner/cost/grad_accum.py prices the HBM bytes each streams.
+
+    FSDP2: torch FSDP2 (`fully_shard` / `replicate`) with gradient sync off until the step's
+    last micro-batch: the first compute-dtype gradient is cast into a reduce-dtype accumulator
+    (_fsdp_param.py `to_accumulated_grad_if_needed`), each later one added into it
+    (`accumulate_unsharded_grad_if_needed`); every reduction copies the unit's gradients into
+    one reduce-scatter buffer in the reduce dtype (_fsdp_collectives.py
+    `foreach_reduce_scatter_copy_in`), and every all-gather copies the gathered buffer out
+    into the parameters (`foreach_all_gather_copy_out`), all on the compute stream. Without
+    a data-parallel wrapper (dp = 1) autograd accumulates into the fp32 master weights' grads.
+    MAIN_GRAD_BUFFER: Megatron-LM 2021's LocalDDP: after every micro-batch's backward a hook
+    adds each parameter's gradient into its view of one contiguous buffer
+    (megatron/model/distributed.py `param.main_grad.add_(param.grad.data)`), which is
+    all-reduced in place. FSDP1_FLAT: PyTorch FSDP1's FlatParameter: gradients and gathered
+    parameters are views of one flat buffer (no copies); a gradient is cast to the reduce
+    dtype before each reduce-scatter when the two differ."""
+
+    FSDP2 = "fsdp2"
+    MAIN_GRAD_BUFFER = "main_grad_buffer"
+    FSDP1_FLAT = "fsdp1_flat"
+
+
 @dataclass(frozen=True, kw_only=True)
 class MemoryRules:
     """What a runtime keeps in memory beyond the tensors every implementation must keep.
@@ -294,6 +318,8 @@ class RuntimeSemantics:
     # ZeRO-1 runs as ZeRO-2 (FSDP2 has no mode with sharded optimizer state and replicated
     # gradients; executor/dp.py).
     zero1_runs_as_zero2: bool
+    # How micro-batch gradients are summed and staged for the reduction (GradAccumulation).
+    grad_accumulation: GradAccumulation
     memory: MemoryRules
     moe: MoeRules = EXECUTOR_MOE
     # Context parallelism (cp > 1); a runtime without it is priced as the executor runs it.
@@ -325,6 +351,7 @@ EXECUTOR = RuntimeSemantics(
     sharded_grads_reduce_every_micro_batch=True,
     reduce_per_chunk=True,
     zero1_runs_as_zero2=True,
+    grad_accumulation=GradAccumulation.FSDP2,
     memory=EXECUTOR_MEMORY,
 )
 
@@ -363,6 +390,7 @@ LLM_FOUNDRY_FSDP1 = RuntimeSemantics(
     sharded_grads_reduce_every_micro_batch=True,
     reduce_per_chunk=False,
     zero1_runs_as_zero2=False,
+    grad_accumulation=GradAccumulation.FSDP1_FLAT,
     memory=FSDP1_MPT_MEMORY,
 )
 
@@ -375,6 +403,7 @@ MEGATRON_2021 = RuntimeSemantics(
     sharded_grads_reduce_every_micro_batch=False,
     reduce_per_chunk=False,
     zero1_runs_as_zero2=False,
+    grad_accumulation=GradAccumulation.MAIN_GRAD_BUFFER,
     memory=MEGATRON_MEMORY,
 )
 

@@ -51,7 +51,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from planner.cost.analytic import DEFAULT_CONSTANTS
 from planner.cost.estimate import estimate, split_problem
+from planner.cost.grad_accum import part_traffic_s
 from planner.cost.split_problem import SplitProblem
 from planner.errors import ConfigError, NoFeasiblePlan
 from planner.ilp import (
@@ -64,6 +66,7 @@ from planner.ilp import (
 )
 from planner.parallel import ParallelConfig, Recompute
 from planner.profile import Profile
+from planner.runtime import EXECUTOR
 from planner.search_space import (
     RECOMPUTE_ORDER,
     SearchOptions,
@@ -416,8 +419,10 @@ class _CheapBounds:
     In `build_rank_costs` those depend on (tp, micro_batch, recompute, sequence_parallel, ep), the
     GPU type and the TP group's links; on a cluster of identical nodes, without a profile, with
     the TP group inside one node (tp divides the GPUs per node), they are the same for every
-    pp, dp, schedule and ZeRO stage. There one SplitProblem per such key gives every
-    candidate's bound; elsewhere the bound is 0 (each candidate's own problem is built first).
+    pp, dp, schedule and ZeRO stage but for the gradient-accumulation traffic
+    (cost/grad_accum.py), which is priced per candidate. There one SplitProblem per such key
+    gives every candidate's bound; elsewhere the bound is 0 (each candidate's own problem is
+    built first).
     The search checks the shared bound against the exact one of every problem it builds.
     """
 
@@ -434,7 +439,7 @@ class _CheapBounds:
         first = cluster.nodes[0]
         self._shared = profile is None and all(n == first for n in cluster.nodes)
         self._gpn = first.gpus
-        self._times: dict[tuple[Any, ...], tuple[float, float, float]] = {}
+        self._times: dict[tuple[Any, ...], tuple[float, ...]] = {}
 
     def of(self, cfg: ParallelConfig) -> float:
         if not self._shared or self._gpn % (cfg.tp * cfg.cp):
@@ -453,10 +458,14 @@ class _CheapBounds:
             cfg.cp,
             cfg.cp_attention,
         )
+        # gradient accumulation and the DP wrapper's copies depend on pp, dp, ZeRO and the
+        # micro-batch count too: kept apart from the shared times and added per candidate
+        traffic = self._traffic_s(cfg)
         if key not in self._times:
             p = self._split_problem(*self._args, cfg, None)
-            self._times[key] = (p.block_time_s[0], p.embedding_time_s, p.head_time_s)
-        block, emb, head = self._times[key]
+            shared = (p.block_time_s[0], p.embedding_time_s, p.head_time_s)
+            self._times[key] = tuple(t - x for t, x in zip(shared, traffic, strict=True))
+        block, emb, head = (t + x for t, x in zip(self._times[key], traffic, strict=True))
         model, training, _ = self._args
         pp, v, L = cfg.pp, cfg.virtual_stages, model.layers
         extra = [0.0] * pp
@@ -465,6 +474,12 @@ class _CheapBounds:
         least = [v * block + extra[r] for r in range(pp)]
         least_sum = sum(least) + (L - pp * v) * block
         return cfg.num_micro_batches(training) * max(least_sum / pp, max(least))
+
+    def _traffic_s(self, cfg: ParallelConfig) -> tuple[float, float, float]:
+        model, training, cluster = self._args
+        return part_traffic_s(
+            model, training, cfg, cluster.nodes[0].gpu, DEFAULT_CONSTANTS, EXECUTOR
+        )
 
 
 def describe_config(c: ParallelConfig) -> str:

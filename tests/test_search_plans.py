@@ -158,6 +158,9 @@ def test_search_beats_the_expert_config_for_gpt3_175b() -> None:
     assert ours.estimate.tokens_per_s >= expert.estimate.tokens_per_s
     assert ours.estimate.tokens_per_s >= balanced.tokens_per_s
     assert ours.estimate.fits
+    # Done-when of the runtime-parity issue: the executor (unfused norms, FSDP2's fp32
+    # gradient accumulation) is not predicted above what Megatron published on A100s
+    assert ours.estimate.mfu <= 0.55
 
 
 def test_cli_json_and_plan_file(tmp_path, capsys) -> None:

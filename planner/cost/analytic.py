@@ -30,15 +30,15 @@ from planner.cost.kernels import (
 from planner.specs import Dtype, GpuSpec, MlpKind, ModelSpec, PositionKind
 
 # Fitted by planner/cost/calibration.py on PTD-P Table 1 and llm-foundry together (226 rows):
-# fitted MAPE 3.45 % (PTD-P) and 4.82 % (llm-foundry); leave-one-source-out 7.69 % and
-# 30.51 % (without llm-foundry nothing identifies flash attention or Hopper: see
+# fitted MAPE 2.90 % (PTD-P) and 4.87 % (llm-foundry); leave-one-source-out 7.67 % and
+# 32.21 % (without llm-foundry nothing identifies flash attention or Hopper: see
 # benchmarks/results/calibration_report.md). Units and meaning in kernels.KernelConstants.
-EFF_MAX = 0.7525
-GEMM_OVERHEAD_S = 1.198e-4
-ATTENTION_EFFICIENCY = 0.3032
-HBM_EFFICIENCY = 0.8695
-HOPPER_EFF_MAX = 0.5938
-HOPPER_ATTENTION_EFFICIENCY = 0.1777
+EFF_MAX = 0.764
+GEMM_OVERHEAD_S = 1.126e-4
+ATTENTION_EFFICIENCY = 0.3028
+HBM_EFFICIENCY = 0.8005
+HOPPER_EFF_MAX = 0.5966
+HOPPER_ATTENTION_EFFICIENCY = 0.1779
 # Fraction of a link's nominal per-direction bandwidth that NCCL's collectives attain, per link
 # class. Not fitted (the calibration rows do not identify them): estimates from nccl-tests'
 # bus bandwidth (NVIDIA nccl-tests doc/PERFORMANCE.md defines busbw so it is comparable with

@@ -92,8 +92,15 @@ def ptdp_cases(table: dict[str, Any]) -> tuple[CalibrationCase, ...]:
             },
             "ptdp_table1.json",
         )
+        # examples/sc21/CONFIG.sh runs --fp16 without --accumulate-allreduce-grads-in-fp32:
+        # LocalDDP's main_grad buffer, and so the gradients' accumulation and all-reduce,
+        # are fp16 (megatron/model/distributed.py `_get_buffer_type`)
         training = TrainingSpec(
-            global_batch=row["global_batch"], seq_len=seq, dtype=Dtype.FP16, flash_attention=False
+            global_batch=row["global_batch"],
+            seq_len=seq,
+            dtype=Dtype.FP16,
+            grad_dtype=Dtype.FP16,
+            flash_attention=False,
         )
         v = int(row["virtual_stages"])
         config = ParallelConfig(

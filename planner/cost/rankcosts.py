@@ -17,10 +17,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from planner.cost import analytic, compute, memory, moe
+from planner.cost import analytic, compute, grad_accum, memory, moe
 from planner.cost import cp as cpcost
 from planner.cost.analytic import AnalyticConstants, PassTimes
 from planner.cost.comm import ClusterArrays, GroupLink, measured_collective_s, ring_time_s
+from planner.cost.kernels import memory_bound_s
 from planner.parallel import MeshAxis, ParallelConfig
 from planner.profile import BlockKind, CollectiveOp, Profile
 from planner.runtime import EXECUTOR, RuntimeSemantics
@@ -178,6 +179,8 @@ def build_rank_costs(
     device_names = (
         compute.node_device_names(profile, cluster) if profile is not None and use_profile else ()
     )
+    params = memory.tp_rank_params(model, tp, config.num_chunks, config.ep)
+    traffic_bytes, per_param = grad_accum.part_traffic_bytes(runtime, config, training, params)
     parts: dict[int, dict[str, PassTimes]] = {}
     tp_timed: set[str] = set()  # parts whose records were timed with their TP collectives
     tp_plain: set[str] = set()
@@ -233,6 +236,7 @@ def build_rank_costs(
                 c=constants,
             )
         dev = device_names[i] if use_profile else None
+        measured_keys: set[str] = set()
         for key, kind in (
             ("block", BlockKind.TRANSFORMER_BLOCK),
             ("embedding", BlockKind.EMBEDDING),
@@ -265,6 +269,7 @@ def build_rank_costs(
                     )
                 continue
             analytic_parts[key] = PassTimes(forward_s=rec.forward_s, backward_s=rec.backward_s)
+            measured_keys.add(key)
             if key == "block" and cp > 1:
                 notes.append(
                     f"block measured at seq_len/cp = {seq}; the attention over the whole "
@@ -275,6 +280,13 @@ def build_rank_costs(
                 notes.append(rec.note)
             if key == "block" and rec.activation_bytes is not None:
                 profiled_activations = True
+        for key, (fwd_bytes, bwd_bytes) in traffic_bytes.items():
+            if key not in measured_keys:  # a measured pass holds autograd's accumulation
+                p = analytic_parts[key]
+                analytic_parts[key] = PassTimes(
+                    forward_s=p.forward_s + memory_bound_s(fwd_bytes, gpu, constants),
+                    backward_s=p.backward_s + memory_bound_s(bwd_bytes, gpu, constants),
+                )
         if cp > 1:
             b = analytic_parts["block"]
             analytic_parts["block"] = PassTimes(
@@ -283,6 +295,12 @@ def build_rank_costs(
             )
         parts[i] = analytic_parts
     source = "measured" if measured_blocks else "analytic"
+    if not measured_blocks and per_param.forward_bytes + per_param.backward_bytes > 0:
+        notes.append(
+            "gradient accumulation and DP-wrapper copies: "
+            f"{per_param.forward_bytes + per_param.backward_bytes:.1f} B per parameter per "
+            "micro-batch through HBM, in compute (planner/cost/grad_accum.py)"
+        )
     if measured_blocks and profiled_activations:
         # The profiler times blocks in one dtype without autocast, which saves other tensors
         # than training does (fp32 norm copies, runtime.py MemoryRules); memory comes from the
@@ -408,7 +426,6 @@ def build_rank_costs(
         in_flight=float(m) if config.schedule.value == "gpipe" else 1.0,
         rules=rules,
     )
-    params = memory.tp_rank_params(model, tp, config.num_chunks, config.ep)
     state = memory.state_bytes_per_param(
         dtype, training.grad_dtype, config.zero, config.dp_cp, pipelined=pp > 1, rules=rules
     )
