@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from planner.errors import FormatError, SpecError
 
 if TYPE_CHECKING:
-    from planner.cost.estimate import Estimate
+    from planner.cost.results import Estimate
 
 CORRECTIONS_SCHEMA = "meshplan-corrections/1"
 # Breakdown keys of `meshplan estimate --json` (issue 3 contract), seconds per step.
@@ -279,7 +279,7 @@ def correct_estimate(est: Estimate, pc: ProfileCorrections, *, slots: int, dp: i
 
 def lower_bound_scale(c: Corrections) -> float:
     """A factor s <= 1 with corrected >= s * predicted for every estimate: the breakdown
-    terms sum to the step time (estimate.TimeBreakdown), every term is multiplied by its scale
+    terms sum to the step time (results.TimeBreakdown), every term is multiplied by its scale
     and the overheads only add, so the smallest scale (or 1) bounds the change from below.
     The search multiplies its uncorrected step-time lower bounds by it, so pruning stays sound
     when a correction makes estimates faster."""

@@ -1,10 +1,10 @@
 """The cost model's entry points: `estimate` (step time, memory, throughput) and `split_problem`.
 
-Owns: the result types (`Estimate` and its breakdowns, the `meshplan estimate --json` object),
-the assembly of a step from per-rank costs (rankcosts.py) and the pipeline event simulation
+Owns: the assembly of a step from per-rank costs (rankcosts.py) and the pipeline event simulation
 (schedule.py), the DP gradient-synchronisation overlap model, the optimizer step time and the
 throughput figures; the SplitProblem builder for the layer-split ILP.
-Does not own: the formulas (analytic.py, memory.py, comm.py) or the ILP (planner/ilp.py).
+Does not own: the result types (results.py), the formulas (analytic.py, memory.py, comm.py)
+or the ILP (planner/ilp.py).
 
 Step time = pipeline makespan (event simulation over per-chunk forward/backward times incl. TP
 collectives, p2p between chunks) + the exposed DP synchronisation + the optimizer step, taken on
@@ -23,7 +23,6 @@ A profile's calibration corrections, when it has them, are applied last (correct
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from planner.cost import analytic, memory
 from planner.cost.analytic import DEFAULT_CONSTANTS, AnalyticConstants
@@ -31,129 +30,13 @@ from planner.cost.corrections import correct_estimate, lower_bound_scale, micro_
 from planner.cost.dp_sync import RankSyncInputs, exposed_dp_s
 from planner.cost.rankcosts import AG, AR, RS, RankCosts, build_rank_costs
 from planner.cost.regime import regime_reasons
-from planner.cost.schedule import simulate
+from planner.cost.results import Estimate, MemoryBreakdown, StageEstimate, TimeBreakdown
+from planner.cost.schedule import SimResult, simulate
 from planner.cost.split_problem import SplitProblem
 from planner.parallel import ParallelConfig
 from planner.profile import CollectiveOp, Profile
 from planner.runtime import EXECUTOR, RuntimeSemantics
 from planner.specs import ClusterSpec, DeviceKind, Dtype, ModelSpec, TrainingSpec
-
-
-@dataclass(frozen=True, kw_only=True)
-class TimeBreakdown:
-    """Seconds of one step on the critical rank; the fields sum to the step time."""
-
-    compute_s: float
-    tp_comm_s: float
-    pp_comm_s: float
-    dp_comm_s: float
-    bubble_s: float
-    optimizer_s: float
-    # MoE dispatch + combine all-to-all on the EP group (in the JSON only when non-zero, so
-    # dense estimates and plans keep their bytes; calibration corrections leave it unscaled)
-    ep_comm_s: float = 0.0
-    # context-parallel collectives (planner/cost/cp.py); in the JSON only when cp > 1
-    cp_comm_s: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class MemoryBreakdown:
-    """Bytes on one GPU by kind; `other` = framework reserve, allocator fragmentation,
-    transient buffers (recompute working set, ZeRO-3 gathers, p2p buffers)."""
-
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-    other: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageEstimate:
-    pp_rank: int
-    layers: int
-    time_s: float
-    memory_bytes: float
-    capacity_bytes: float
-    memory: MemoryBreakdown
-
-
-@dataclass(frozen=True, kw_only=True)
-class Estimate:
-    step_time_s: float
-    tokens_per_s: float
-    model_tflops_per_gpu: float
-    hardware_tflops_per_gpu: float
-    mfu: float
-    peak_memory_bytes: float
-    memory_capacity_bytes: float
-    fits: bool
-    source: str
-    breakdown: TimeBreakdown
-    memory_breakdown: MemoryBreakdown
-    stages: tuple[StageEstimate, ...]
-    notes: tuple[str, ...]
-    # Set when the profile carries calibration corrections (planner/cost/corrections.py).
-    uncorrected_step_time_s: float | None = None
-    corrections: dict[str, Any] | None = None
-    # Analytic path only (None when measured): inside the calibration's envelope, and why not
-    # (planner/cost/regime.py).
-    calibrated_regime: bool | None = None
-    regime_reasons: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        def mem(b: MemoryBreakdown) -> dict[str, float]:
-            return {
-                k: getattr(b, k) for k in ("weights", "grads", "optimizer", "activations", "other")
-            }
-
-        return {
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "model_tflops_per_gpu": self.model_tflops_per_gpu,
-            "hardware_tflops_per_gpu": self.hardware_tflops_per_gpu,
-            "mfu": self.mfu,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "memory_capacity_bytes": self.memory_capacity_bytes,
-            "fits": self.fits,
-            "source": self.source,
-            "breakdown": {
-                k: getattr(self.breakdown, k)
-                for k in (
-                    "compute_s",
-                    "tp_comm_s",
-                    "pp_comm_s",
-                    "dp_comm_s",
-                    "bubble_s",
-                    "optimizer_s",
-                )
-            }
-            | ({"ep_comm_s": self.breakdown.ep_comm_s} if self.breakdown.ep_comm_s else {})
-            | ({"cp_comm_s": self.breakdown.cp_comm_s} if self.breakdown.cp_comm_s else {}),
-            "memory_breakdown": mem(self.memory_breakdown),
-            "stages": [
-                {
-                    "pp_rank": s.pp_rank,
-                    "layers": s.layers,
-                    "time_s": s.time_s,
-                    "memory_bytes": s.memory_bytes,
-                    "capacity_bytes": s.capacity_bytes,
-                    "memory": mem(s.memory),
-                }
-                for s in self.stages
-            ],
-            "notes": list(self.notes),
-            "calibrated_regime": self.calibrated_regime,
-            "calibrated_regime_reasons": list(self.regime_reasons),
-            **(
-                {
-                    "uncorrected_step_time_s": self.uncorrected_step_time_s,
-                    "corrections": self.corrections,
-                }
-                if self.corrections is not None
-                else {}
-            ),
-        }
 
 
 def _problem(rc: RankCosts, num_layers: int) -> SplitProblem:
@@ -296,32 +179,105 @@ def estimate(
     problem = _problem(rc, model.layers)
     split = config.layers_per_chunk(model)
     pp, v, m = rc.pp, rc.virtual_stages, rc.num_micro_batches
-    chunks = pp * v
+    sim, no_p2p = _pipeline(rc, config, split)
+    layers_on = [0] * pp
+    for k, n in enumerate(split):
+        layers_on[k % pp] += n
+    tails = _rank_tails(rc, config, training, cluster, runtime, split, layers_on)
+    ends = [sim.rank_finish_s[r] + tails[r].exposed_dp_s + tails[r].optimizer_s for r in range(pp)]
+    step = max(ends)
+    crit = ends.index(step)
+    breakdown, busy = _breakdown(
+        rc, split, m, step=step, makespan_s=sim.makespan_s, no_p2p_s=no_p2p,
+        optimizer_s=min(tails[crit].optimizer_s, step - sim.makespan_s),
+    )  # fmt: skip
+    # memory per rank, from the SplitProblem so the ILP and the estimate agree exactly
+    rank_mem = problem.rank_memory_bytes(split)
+    stages = _stages(rc, split, layers_on, busy, rank_mem, [t.params for t in tails])
+    worst = max(range(pp), key=lambda r: rank_mem[r] / rc.capacity_bytes[r])
+    tokens = training.global_batch * training.seq_len
+    n_gpus = cluster.num_gpus
+    model_flops = analytic.model_flops_per_step(model, training.global_batch, training.seq_len)
+    hw_flops = analytic.hardware_flops_per_step(
+        model,
+        training.global_batch,
+        training.seq_len,
+        config.recompute.value,
+        training.flash_attention,
+    )
+    peak_sum = sum(n.gpu.peak_flops(training.dtype) * n.gpus for n in cluster.nodes)
+    notes, reasons = _notes(rc, training, cluster, config, runtime)
+    est = Estimate(
+        step_time_s=step,
+        tokens_per_s=tokens / step,
+        model_tflops_per_gpu=model_flops / n_gpus / step / 1e12,
+        hardware_tflops_per_gpu=hw_flops / n_gpus / step / 1e12,
+        mfu=model_flops / step / peak_sum,
+        peak_memory_bytes=rank_mem[worst],
+        memory_capacity_bytes=rc.capacity_bytes[worst],
+        fits=problem.fits(split),
+        source=rc.source,
+        breakdown=breakdown,
+        memory_breakdown=stages[worst].memory,
+        stages=tuple(stages),
+        notes=notes,
+        calibrated_regime=None if rc.source != "analytic" else not reasons,
+        regime_reasons=reasons,
+    )
+    if profile is not None and profile.corrections is not None:
+        slots = micro_batch_slots(m, pp, v)
+        est = correct_estimate(est, profile.corrections, slots=slots, dp=config.dp)
+    return est
+
+
+def _pipeline(
+    rc: RankCosts, config: ParallelConfig, split: tuple[int, ...]
+) -> tuple[SimResult, float]:
+    """The schedule's event simulation over per-chunk times, and its makespan without p2p (the
+    difference is the exposed pipeline communication)."""
+    pp, v, m = rc.pp, rc.virtual_stages, rc.num_micro_batches
     fwd = chunk_times(rc, split, "fwd_s")
     bwd = chunk_times(rc, split, "bwd_s")
-    p2p = tuple(rc.p2p_s[k % pp] for k in range(chunks - 1))
+    p2p = tuple(rc.p2p_s[k % pp] for k in range(pp * v - 1))
     sched = config.schedule.value
     sim = simulate(
         sched, pp=pp, virtual_stages=v, num_micro_batches=m, fwd_s=fwd, bwd_s=bwd, p2p_s=p2p
     )
-    if any(p2p):
-        no_p2p = simulate(
-            sched,
-            pp=pp,
-            virtual_stages=v,
-            num_micro_batches=m,
-            fwd_s=fwd,
-            bwd_s=bwd,
-            p2p_s=(0.0,) * len(p2p),
-        ).makespan_s
-    else:
-        no_p2p = sim.makespan_s
+    if not any(p2p):
+        return sim, sim.makespan_s
+    no_p2p = simulate(
+        sched,
+        pp=pp,
+        virtual_stages=v,
+        num_micro_batches=m,
+        fwd_s=fwd,
+        bwd_s=bwd,
+        p2p_s=(0.0,) * len(p2p),
+    )
+    return sim, no_p2p.makespan_s
 
-    # per-rank parameters, DP synchronisation and optimizer step
-    layers_on = [0] * pp
-    for k, n in enumerate(split):
-        layers_on[k % pp] += n
-    last_rank = (chunks - 1) % pp
+
+@dataclass(frozen=True, kw_only=True)
+class _RankTail:
+    """What a pipeline rank adds after its last backward, and the parameters it holds."""
+
+    exposed_dp_s: float
+    optimizer_s: float
+    params: int
+
+
+def _rank_tails(
+    rc: RankCosts,
+    config: ParallelConfig,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    runtime: RuntimeSemantics,
+    split: tuple[int, ...],
+    layers_on: list[int],
+) -> list[_RankTail]:
+    """Per rank: the exposed DP synchronisation (dp_sync.py) and the optimizer step (measured
+    when profiled, else Adam's bytes at the rank's slowest HBM)."""
+    pp, last_rank = rc.pp, (len(split) - 1) % rc.pp
     dtype, grad_bytes = training.dtype, training.grad_dtype.nbytes
     opt_state = (
         memory.ADAM_FP32_BYTES_PER_PARAM
@@ -335,20 +291,18 @@ def estimate(
     # CPU workers run gloo collectives on the cores that compute, so nothing hides behind
     # compute there; GPUs overlap them on separate streams (dp_sync.py).
     overlaps = not any(n.gpu.kind is DeviceKind.CPU for n in cluster.nodes)
-    ends, opt_times = [], []
-    rank_params = [0] * pp
-    expert_params = [layers_on[r] * rc.params.expert_per_block for r in range(pp)]
+    shard = config.dp_cp if config.zero >= 1 else 1
+    # routed experts: their own shard (ZeRO over the expert-DP group), same bytes per param
+    expert_shard = config.dp_cp // config.ep if config.zero >= 1 else 1
+    out = []
     for r in range(pp):
         n_params = layers_on[r] * rc.params.per_block
         n_params += rc.params.embedding if r == 0 else 0
         n_params += rc.params.head if r == last_rank else 0
         sync_in = _rank_sync_inputs(rc, config, training, split, r)
         exposed = exposed_dp_s(sync_in, runtime, overlaps=overlaps) if config.dp_cp > 1 else 0.0
-        shard = config.dp_cp if config.zero >= 1 else 1
-        expert_shard = config.dp_cp // config.ep if config.zero >= 1 else 1
-        # routed experts: their own shard (ZeRO over the expert-DP group), same bytes per param
-        sharded_params = n_params / shard + expert_params[r] / expert_shard
-        opt = sharded_params * touched_per_param / rc.hbm_bytes_per_s[r]
+        sharded = n_params / shard + layers_on[r] * rc.params.expert_per_block / expert_shard
+        opt = sharded * touched_per_param / rc.hbm_bytes_per_s[r]
         measured_opt = rc.optimizer[r] if rc.optimizer else None
         if measured_opt is not None:  # profiled step (profiler/optimizer.py)
             opt = measured_opt.rank_step_s(
@@ -358,14 +312,23 @@ def estimate(
                 bandwidth_s=opt * shard,
                 shard=shard,
             )
-        opt_times.append(opt)
-        ends.append(sim.rank_finish_s[r] + exposed + opt)
-        rank_params[r] = n_params
-    step = max(ends)
-    crit = ends.index(step)
-    tail = step - sim.makespan_s
-    optimizer_s = min(opt_times[crit], tail)
-    # bottleneck rank: the one with the most work per micro-batch
+        out.append(_RankTail(exposed_dp_s=exposed, optimizer_s=opt, params=n_params))
+    return out
+
+
+def _breakdown(
+    rc: RankCosts,
+    split: tuple[int, ...],
+    m: int,
+    *,
+    step: float,
+    makespan_s: float,
+    no_p2p_s: float,
+    optimizer_s: float,
+) -> tuple[TimeBreakdown, list[float]]:
+    """The step's parts on the bottleneck rank (the one with the most work per micro-batch),
+    and every rank's busy time per micro-batch."""
+    pp, chunks = rc.pp, len(split)
     busy = [0.0] * pp
     comp = [0.0] * pp
     tpc = [0.0] * pp
@@ -390,33 +353,41 @@ def estimate(
         # differences of sums: float noise around 0 would print as -0.0
         return 0.0 if abs(x) < 1e-9 * step else x
 
-    breakdown = TimeBreakdown(
+    return TimeBreakdown(
         compute_s=m * comp[b],
         tp_comm_s=m * tpc[b],
         ep_comm_s=m * epc[b],
-        pp_comm_s=clean(sim.makespan_s - no_p2p),
-        dp_comm_s=clean(tail - optimizer_s),
-        bubble_s=clean(no_p2p - m * busy[b]),
+        pp_comm_s=clean(makespan_s - no_p2p_s),
+        dp_comm_s=clean(step - makespan_s - optimizer_s),
+        bubble_s=clean(no_p2p_s - m * busy[b]),
         optimizer_s=optimizer_s,
         cp_comm_s=m * cpc[b],
-    )
+    ), busy
 
-    # memory per rank, from the SplitProblem so the ILP and the estimate agree exactly
-    rank_mem = problem.rank_memory_bytes(split)
-    st = rc.state
+
+def _stages(
+    rc: RankCosts,
+    split: tuple[int, ...],
+    layers_on: list[int],
+    busy: list[float],
+    rank_mem: tuple[float, ...],
+    rank_params: list[int],
+) -> list[StageEstimate]:
+    """Per pipeline rank: its layers, time per micro-batch and memory by kind."""
+    st, last_rank = rc.state, (len(split) - 1) % rc.pp
     stages = []
-    for r in range(pp):
+    for r in range(rc.pp):
         n_params = rank_params[r]
         act = sum(
             n * rc.in_flight[r] * rc.block_activation_bytes
             for k, n in enumerate(split)
-            if k % pp == r
+            if k % rc.pp == r
         )
         act += rc.in_flight[0] * rc.embedding_activation_bytes if r == 0 else 0.0
         act += rc.head_activation_bytes if r == last_rank else 0.0
         w, g, o = n_params * st.weights, n_params * st.grads, n_params * st.optimizer
         if rc.expert_state is not None:  # routed experts, sharded over the expert-DP group
-            xs, n_exp = rc.expert_state, expert_params[r]
+            xs, n_exp = rc.expert_state, layers_on[r] * rc.params.expert_per_block
             w, g, o = w + n_exp * xs.weights, g + n_exp * xs.grads, o + n_exp * xs.optimizer
         g += rc.embedding_extra_bytes if r == 0 else 0.0
         mb = MemoryBreakdown(
@@ -432,19 +403,17 @@ def estimate(
                 memory=mb,
             )
         )
-    worst = max(range(pp), key=lambda r: rank_mem[r] / rc.capacity_bytes[r])
+    return stages
 
-    tokens = training.global_batch * training.seq_len
-    n_gpus = cluster.num_gpus
-    model_flops = analytic.model_flops_per_step(model, training.global_batch, training.seq_len)
-    hw_flops = analytic.hardware_flops_per_step(
-        model,
-        training.global_batch,
-        training.seq_len,
-        config.recompute.value,
-        training.flash_attention,
-    )
-    peak_sum = sum(n.gpu.peak_flops(dtype) * n.gpus for n in cluster.nodes)
+
+def _notes(
+    rc: RankCosts,
+    training: TrainingSpec,
+    cluster: ClusterSpec,
+    config: ParallelConfig,
+    runtime: RuntimeSemantics,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The estimate's notes and, on the analytic path, why it is outside the calibrated regime."""
     notes = rc.notes
     reasons: tuple[str, ...] = ()
     if rc.source == "analytic":
@@ -454,24 +423,4 @@ def estimate(
         notes += ("fp8: MFU against the bf16 peak",)
     if runtime is not EXECUTOR:
         notes += (f"priced as {runtime.name}, not meshplan's executor",)
-    est = Estimate(
-        step_time_s=step,
-        tokens_per_s=tokens / step,
-        model_tflops_per_gpu=model_flops / n_gpus / step / 1e12,
-        hardware_tflops_per_gpu=hw_flops / n_gpus / step / 1e12,
-        mfu=model_flops / step / peak_sum,
-        peak_memory_bytes=rank_mem[worst],
-        memory_capacity_bytes=rc.capacity_bytes[worst],
-        fits=problem.fits(split),
-        source=rc.source,
-        breakdown=breakdown,
-        memory_breakdown=stages[worst].memory,
-        stages=tuple(stages),
-        notes=notes,
-        calibrated_regime=None if rc.source != "analytic" else not reasons,
-        regime_reasons=reasons,
-    )
-    if profile is not None and profile.corrections is not None:
-        slots = micro_batch_slots(m, pp, v)
-        est = correct_estimate(est, profile.corrections, slots=slots, dp=config.dp)
-    return est
+    return notes, reasons
