@@ -17,6 +17,8 @@ Definitions (the profiler writes to these, the cost model reads by them):
 - OptimizerRecord times are one optimizer step (AdamW.step) over one block's
   parameters, plain or as DTensors (`distributed`).
 - DpSyncRecord times are one FSDP unit's gradient synchronisation as the executor runs it.
+- OverlapRecord times are a block's forward + backward alone, an all-reduce alone and both
+  together; its `efficiency` replaces the runtime's estimated overlap efficiency.
 - `corrections` (optional): calibration factors and their provenance
   (planner/cost/corrections.py), applied by the cost model to every estimate from this profile.
 - Collective samples: `bytes` is the per-rank buffer size as nccl-tests' "size" (the all-reduce
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from planner.cost.collectives import CollectiveOp, message_s
 from planner.cost.corrections import ProfileCorrections
+from planner.cost.dp_sync import overlap_efficiency
 from planner.errors import FormatError
 from planner.fileio import atomic_write_text, read_json_file
 from planner.parallel import Recompute
@@ -166,6 +169,39 @@ class DpSyncRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OverlapRecord:
+    """Compute beside a collective on one device: one block's forward + backward alone
+    (`compute_s`), an all-reduce of `collective_bytes` over `group_size` workers of one node
+    alone (`collective_s`), and both issued together, the collective first, on its own stream
+    (`together_s`); medians of `repeats`. `efficiency` is the overlap efficiency the cost model
+    prices (planner/cost/dp_sync.py `overlap_efficiency`)."""
+
+    device_name: str
+    group_size: int
+    collective_bytes: int
+    compute_s: float
+    collective_s: float
+    together_s: float
+    repeats: int
+
+    def __post_init__(self) -> None:
+        owner = "overlap record"
+        _check_counts(owner, 2, group_size=self.group_size)
+        _check_counts(owner, 1, repeats=self.repeats, collective_bytes=self.collective_bytes)
+        _check_numbers(
+            owner,
+            True,
+            compute_s=self.compute_s,
+            collective_s=self.collective_s,
+            together_s=self.together_s,
+        )
+
+    @property
+    def efficiency(self) -> float:
+        return overlap_efficiency(self.compute_s, self.collective_s, self.together_s)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LinkSample:
     bytes: int
     seconds: float
@@ -271,6 +307,11 @@ class Profile:
     )
     # Measured DP synchronisation per FSDP unit (CPU profiles of one node; absent before).
     dp_sync: tuple[DpSyncRecord, ...] | None = field(
+        default=None, metadata={"json_omit_none": True}
+    )
+    # Compute beside a collective per device type (profiles of one node with 2+ workers;
+    # absent before): the measured overlap efficiency.
+    overlap: tuple[OverlapRecord, ...] | None = field(
         default=None, metadata={"json_omit_none": True}
     )
 

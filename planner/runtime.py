@@ -336,10 +336,11 @@ class RuntimeSemantics:
         return self.grad_sync_pipelined if pp > 1 else self.grad_sync_pp1
 
 
-# An estimate, not a measurement yet: NCCL ring kernels occupy one SM per channel, up to 16-32
-# channels on Hopper (NCCL_MAX_NCHANNELS, NCCL environment docs) of 132 SMs, so compute beside a
-# collective runs ~10-25 % slower. 0.85 takes the middle; the profiler's overlap measurement
-# (time a block while a collective runs) is to replace it. Unit: fraction of collective time.
+# An estimate, used where no profile measured it: NCCL ring kernels occupy one SM per channel,
+# up to 16-32 channels on Hopper (NCCL_MAX_NCHANNELS, NCCL environment docs) of 132 SMs, so
+# compute beside a collective runs ~10-25 % slower. 0.85 takes the middle; a GPU profile's
+# overlap record (profiler/overlap.py: a block timed beside an all-reduce) replaces it
+# (planner/cost/estimate.py). Unit: fraction of collective time.
 GPU_OVERLAP_EFFICIENCY = 0.85
 
 EXECUTOR = RuntimeSemantics(

@@ -213,6 +213,7 @@ def merge_profiles(sources: Sequence[tuple[str, Profile]]) -> tuple[Profile, lis
         collectives=tuple(colls),
         optimizer=tuple(optimizer) or None,
         dp_sync=tuple(r for _, prof in sources for r in prof.dp_sync or ()) or None,
+        overlap=tuple(r for _, prof in sources for r in prof.overlap or ()) or None,
     )
     return merged, notes
 
@@ -239,6 +240,18 @@ def split_by_host(profile: Profile) -> dict[str, Profile]:
             optimizer=tuple(
                 o
                 for o in profile.optimizer or ()
+                if first_host_of_device.get(o.device_name, profile.gpus[0].host) == host
+            )
+            or None,
+            dp_sync=tuple(
+                d
+                for d in profile.dp_sync or ()
+                if first_host_of_device.get(d.device_name, profile.gpus[0].host) == host
+            )
+            or None,
+            overlap=tuple(
+                o
+                for o in profile.overlap or ()
                 if first_host_of_device.get(o.device_name, profile.gpus[0].host) == host
             )
             or None,

@@ -32,6 +32,7 @@ from planner.profile import (
     ComputeRecord,
     DpSyncRecord,
     OptimizerRecord,
+    OverlapRecord,
     Profile,
     ProfileGpu,
     ProfileMeta,
@@ -43,6 +44,7 @@ from profiler import device as dev
 from profiler import dp_sync as dp_sync_mod
 from profiler import links
 from profiler import optimizer as optimizer_mod
+from profiler import overlap as overlap_mod
 from profiler.progress import NullReporter, QueueReporter, Reporter, RichReporter
 from profiler.settings import ProfileSettings
 
@@ -189,6 +191,7 @@ def worker_body(
     records: list[ComputeRecord] = []
     opt_records: list[OptimizerRecord] = []
     sync_records: list[DpSyncRecord] = []
+    overlap_records: list[OverlapRecord] = []
     cut: list[str] = []
     if measures:
         cases = compute_mod.compute_cases(settings.model, settings.compute)
@@ -241,6 +244,20 @@ def worker_body(
             )
             if keeps:
                 sync_records = syncs
+        if place.world == place.local_world > 1:
+            # every rank of the one node measures, so all join the all-reduce beside the block
+            overlaps = overlap_mod.measure_overlap(
+                settings.model,
+                settings.compute,
+                device,
+                info.name,
+                should_stop=lambda: links.agreed_stop(
+                    lambda: compute_deadline is not None and time.time() > compute_deadline,
+                    device,
+                ),
+            )
+            if keeps:
+                overlap_records = overlaps
         if keeps and done < len(cases):
             cut.append(f"compute on {place.host} after {done} of {len(cases)} cases")
             reporter.note(
@@ -280,7 +297,7 @@ def worker_body(
 
     gathered: list[Any] = [None] * place.world if place.rank == 0 else []
     dist.gather_object(
-        (records, p2p_samples, coll_samples, cut, opt_records, sync_records),
+        (records, p2p_samples, coll_samples, cut, opt_records, sync_records, overlap_records),
         gathered if place.rank == 0 else None,
         dst=0,
     )
@@ -292,6 +309,7 @@ def worker_body(
     all_cut = [c for part in gathered for c in part[3]]
     all_opt = [o for part in gathered for o in part[4]]
     all_sync = [o for part in gathered for o in part[5]]
+    all_overlap = [o for part in gathered for o in part[6]]
     gpus = tuple(
         ProfileGpu(
             gpu_id=gpu_id,
@@ -325,6 +343,7 @@ def worker_body(
         collectives=tuple(links.collective_records(all_coll, gpu_of_rank)),
         optimizer=tuple(all_opt) or None,
         dp_sync=tuple(all_sync) or None,
+        overlap=tuple(all_overlap) or None,
     )
     return profile, my_host
 

@@ -8,7 +8,13 @@ import pytest
 
 import presets
 from planner.cost.comm import GroupLink, ring_time_s
-from planner.cost.dp_sync import RankSyncInputs, Unit, exposed_dp_s, simulate_stream
+from planner.cost.dp_sync import (
+    RankSyncInputs,
+    Unit,
+    exposed_dp_s,
+    overlap_efficiency,
+    simulate_stream,
+)
 from planner.cost.estimate import estimate
 from planner.parallel import ParallelConfig
 from planner.profile import CollectiveOp
@@ -124,3 +130,17 @@ def test_zero3_at_micro_batch_1_slows_down_as_dp_grows() -> None:
         steps.append(estimate(model, TrainingSpec(global_batch=dp, seq_len=2048), cluster, cfg))
     assert steps[1].breakdown.dp_comm_s > steps[0].breakdown.dp_comm_s
     assert steps[1].step_time_s > steps[0].step_time_s
+
+
+def test_overlap_efficiency_inverts_the_exposure_model() -> None:
+    """A 10 s block and a 4 s collective: together 10 s is a perfect overlap, 14 s none, 12 s
+    half; the record's efficiency put back into the stream model gives the measured time."""
+    assert overlap_efficiency(10.0, 4.0, 10.0) == 1.0
+    assert overlap_efficiency(10.0, 4.0, 14.0) == 0.0
+    assert overlap_efficiency(10.0, 4.0, 12.0) == pytest.approx(0.5)
+    assert overlap_efficiency(4.0, 10.0, 12.0) == pytest.approx(0.5)  # the collective longer
+    assert overlap_efficiency(10.0, 4.0, 9.0) == 1.0 and overlap_efficiency(10.0, 4.0, 20.0) == 0.0
+    # one unit computing 10 s beside a 4 s reduction issued at its start
+    r = simulate_stream([Unit(compute_s=0.0, reduce_s=4.0), Unit(compute_s=10.0)])
+    eff = overlap_efficiency(10.0, 4.0, 11.0)
+    assert r.compute_end_s + r.exposed_s(eff) == pytest.approx(11.0)

@@ -407,3 +407,35 @@ def test_dp_wrapper_overhead_is_paid_per_unit_and_micro_batch() -> None:
     new = estimate(model, training, cluster, config, replace(base, dp_sync=records(0.002, 0.001)))
     units = model.layers + 2  # blocks, embedding, head
     assert new.breakdown.compute_s - old.breakdown.compute_s == pytest.approx(4 * units * 0.003)
+
+
+def test_a_measured_overlap_replaces_the_estimated_efficiency() -> None:
+    """A GPU profile's overlap record sets the efficiency the DP overlap model prices, and
+    the estimate says so; on CPU workers, where nothing overlaps, it changes nothing."""
+    from planner.profile import OverlapRecord
+    from planner.runtime import EXECUTOR
+
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("dgx-a100-80gb", 1)
+    training = TrainingSpec(global_batch=32, seq_len=128)
+    config = ParallelConfig(tp=1, pp=1, dp=8, micro_batch=2, zero=3)
+    record = OverlapRecord(
+        device_name="A100", group_size=8, collective_bytes=1 << 20,
+        compute_s=0.010, collective_s=0.004, together_s=0.012, repeats=5,
+    )  # fmt: skip
+    profile = replace(_profile(model), compute=(), overlap=(record,))
+    measured = estimate(model, training, cluster, config, profile)
+    assert record.efficiency == pytest.approx(0.5)
+    half = replace(EXECUTOR, overlap_efficiency=0.5)
+    priced = estimate(model, training, cluster, config, runtime=half)
+    assert measured.breakdown.dp_comm_s == pytest.approx(priced.breakdown.dp_comm_s)
+    assert (
+        measured.breakdown.dp_comm_s
+        > estimate(model, training, cluster, config).breakdown.dp_comm_s
+    )
+    assert any("overlap efficiency 0.50 measured by the profiler" in n for n in measured.notes)
+    assert not any("priced as" in n for n in measured.notes)
+    cpu = presets.load_cluster("cpu-8", 1)
+    on_cpu = estimate(model, TrainingSpec(global_batch=32, seq_len=128, dtype="fp32"), cpu,
+                      config, profile)  # fmt: skip
+    assert not any("overlap efficiency" in n for n in on_cpu.notes)

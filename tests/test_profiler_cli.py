@@ -100,6 +100,11 @@ def test_quick_profile_times_tp_and_the_optimizer_as_the_executor_runs_them(
     assert all(
         r.backward_overhead_s is not None and r.backward_overhead_s >= 0 for r in syncs.values()
     )
+    # a block beside an all-reduce of its fp32 gradients over both workers
+    (overlap,) = prof.overlap or ()
+    assert overlap.group_size == 2 and overlap.collective_bytes > 0
+    assert min(overlap.compute_s, overlap.collective_s, overlap.together_s) > 0
+    assert 0.0 <= overlap.efficiency <= 1.0
 
 
 @pytest.mark.slow

@@ -49,6 +49,19 @@ class StreamResult:
         return waits + tail + (1.0 - overlap_efficiency) * self.hidden_s
 
 
+def overlap_efficiency(compute_s: float, collective_s: float, together_s: float) -> float:
+    """The overlap efficiency that this model's exposure (`StreamResult.exposed_s`) implies
+    for a compute region and a collective timed alone and together: together they take the
+    longer of the two plus (1 - efficiency) times the time they share, the shorter one, so
+    efficiency = 1 - (together - max) / min, clamped to [0, 1] (measurement noise can put
+    `together_s` a little below the longer one or above their sum)."""
+    shared = min(compute_s, collective_s)
+    if shared <= 0:
+        return 1.0
+    eff = 1.0 - (together_s - max(compute_s, collective_s)) / shared
+    return min(1.0, max(0.0, eff))
+
+
 def simulate_stream(units: Sequence[Unit]) -> StreamResult:
     """Units computed in order with one serial collective stream.
 

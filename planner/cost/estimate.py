@@ -176,6 +176,8 @@ def estimate(
     calibration prices the published system that produced its data).
     """
     rc = build_rank_costs(model, training, cluster, config, profile, constants, runtime)
+    # the DP overlap model reads the overlap efficiency: measured when the profile has it
+    dp_runtime, overlap_note = _with_measured_overlap(runtime, profile, cluster)
     problem = _problem(rc, model.layers)
     split = config.layers_per_chunk(model)
     pp, v, m = rc.pp, rc.virtual_stages, rc.num_micro_batches
@@ -183,7 +185,7 @@ def estimate(
     layers_on = [0] * pp
     for k, n in enumerate(split):
         layers_on[k % pp] += n
-    tails = _rank_tails(rc, config, training, cluster, runtime, split, layers_on)
+    tails = _rank_tails(rc, config, training, cluster, dp_runtime, split, layers_on)
     ends = [sim.rank_finish_s[r] + tails[r].exposed_dp_s + tails[r].optimizer_s for r in range(pp)]
     step = max(ends)
     crit = ends.index(step)
@@ -207,6 +209,7 @@ def estimate(
     )
     peak_sum = sum(n.gpu.peak_flops(training.dtype) * n.gpus for n in cluster.nodes)
     notes, reasons = _notes(rc, training, cluster, config, runtime)
+    notes += overlap_note
     est = Estimate(
         step_time_s=step,
         tokens_per_s=tokens / step,
@@ -228,6 +231,23 @@ def estimate(
         slots = micro_batch_slots(m, pp, v)
         est = correct_estimate(est, profile.corrections, slots=slots, dp=config.dp)
     return est
+
+
+def _with_measured_overlap(
+    runtime: RuntimeSemantics, profile: Profile | None, cluster: ClusterSpec
+) -> tuple[RuntimeSemantics, tuple[str, ...]]:
+    """The runtime with the profile's measured overlap efficiency (the lowest over its device
+    types: profiler/overlap.py) in place of its estimate, on GPUs; CPU workers overlap
+    nothing (dp_sync.py), so there the record changes nothing and is not mentioned."""
+    records = profile.overlap if profile is not None else None
+    if not records or any(n.gpu.kind is DeviceKind.CPU for n in cluster.nodes):
+        return runtime, ()
+    eff = min(r.efficiency for r in records)
+    note = (
+        f"overlap efficiency {eff:.2f} measured by the profiler (a block beside an all-reduce), "
+        f"not the runtime's estimate {runtime.overlap_efficiency:.2f}"
+    )
+    return replace(runtime, overlap_efficiency=eff), (note,)
 
 
 def _pipeline(
