@@ -62,8 +62,13 @@ def _state(
 
 
 def _layout(plan: Plan) -> str:
+    """The writing plan's layout, for people reading the record (keys are layout-free)."""
     c = plan.config
-    return f"tp={c.tp} pp={c.pp} dp={c.dp} zero={c.zero} stage_layers={list(c.stage_layers or ())}"
+    return (
+        f"tp={c.tp} pp={c.pp} dp={c.dp} cp={c.cp} ep={c.ep} zero={c.zero} "
+        f"schedule={c.schedule.value} v={c.virtual_stages} "
+        f"stage_layers={list(c.stage_layers or ())}"
+    )
 
 
 def save_checkpoint(

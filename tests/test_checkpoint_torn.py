@@ -118,7 +118,7 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     assert layout.latest_step(root) == 2
     record = layout.read_record(layout.step_dir(root, 2))
     assert record is not None and record.model_fingerprint == layout.model_fingerprint(GPT)
-    assert record.layout.startswith("tp=1 pp=1 dp=1") and record.world_size == 1
+    assert record.layout.startswith("tp=1 pp=1 dp=1 cp=1 ep=1") and record.world_size == 1
     wider = replace(GPT, name="tiny-gpt-wide", ffn_hidden=96)
     with pytest.raises(layout.CheckpointError, match="holds model 'tiny-gpt'.*'tiny-gpt-wide'"):
         _run_here(_plan(wider), steps=4, checkpoint_dir=str(root), resume=True)
