@@ -9,7 +9,7 @@ micro-batches on large pipeline stages): a bf16 rank that adds 10 B per paramete
 micro-batch at 2,048 tokens spends about a tenth of its GEMM time (6 x 2,048 FLOPs per
 parameter, forward and backward) on it on an A100, whose ridge point is ~150 FLOPs/B.
 Does not own: the collectives themselves (comm.py, dp_sync.py), or the time of a byte
-(kernels.memory_bound_s); rankcosts.py adds the result to the analytic parts' passes. A
+(kernels.memory_bound_s); rank_compute.py adds the result to the analytic parts' passes. A
 measured block already holds autograd's accumulation (the profiler never clears gradients
 between its repeats), so measured parts get nothing from here.
 """
@@ -56,7 +56,9 @@ def grad_traffic(kind: GradAccumulation, s: StepShape) -> GradTraffic:
     """Per-micro-batch mean bytes per local parameter for runtime `kind` (see the rules)."""
     m = s.micro_batches
     if kind is GradAccumulation.MAIN_GRAD_BUFFER:
-        # main_grad.add_(grad) after every micro-batch: read both, write the buffer
+        # main_grad.add_(grad) after every micro-batch: read both, write the buffer. PTD-P's
+        # pp = 1 rows ran torch DDP instead (autograd adds the micro-batches after the first,
+        # the same bytes): priced alike, one micro-batch's add apart
         return GradTraffic(forward_bytes=0.0, backward_bytes=s.compute_bytes + 2 * s.grad_bytes)
     if kind is GradAccumulation.FSDP1_FLAT:
         # views of flat buffers; the cast to the reduce dtype runs on FSDP1's post-backward
