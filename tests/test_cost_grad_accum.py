@@ -26,9 +26,17 @@ from planner.cost.grad_accum import StepShape, grad_traffic
 from planner.cost.kernels import memory_bound_s
 from planner.cost.memory import tp_rank_params
 from planner.cost.rankcosts import build_rank_costs
-from planner.parallel import ParallelConfig
+from planner.parallel import ParallelConfig, Recompute
+from planner.profile import (
+    SCHEMA_VERSION,
+    BlockKind,
+    ComputeRecord,
+    Profile,
+    ProfileGpu,
+    ProfileMeta,
+)
 from planner.runtime import EXECUTOR, MEGATRON_2021, GradAccumulation
-from planner.specs import TrainingSpec
+from planner.specs import Dtype, TrainingSpec
 
 FSDP2 = GradAccumulation.FSDP2
 IN, OUT = 64, 96  # the weight has 6,144 elements; no activation of these tests has that many
@@ -173,3 +181,46 @@ def test_analytic_block_backward_pays_the_accumulation() -> None:
     assert grown > 0.05 * without.block[1].bwd_compute_s  # 10 B per parameter at 2,048 tokens
     meg = build_rank_costs(model, training, cluster, cfg, None, DEFAULT_CONSTANTS, MEGATRON_2021)
     assert meg.block[1].bwd_compute_s < with_acc.block[1].bwd_compute_s
+
+
+def _gpu_profile(model: object, tp: int, dtype: Dtype) -> Profile:
+    """One measured transformer-block record (micro-batch 2, seq 128) on an A100."""
+    rec = ComputeRecord(
+        block=BlockKind.TRANSFORMER_BLOCK, device_name="NVIDIA A100-SXM4-80GB", tp=tp,
+        micro_batch=2, seq_len=128, recompute=Recompute.NONE, forward_s=0.001,
+        forward_spread_s=0.0, backward_s=0.002, backward_spread_s=0.0, activation_bytes=1000,
+        parameter_bytes=10, repeats=5,
+    )  # fmt: skip
+    meta = ProfileMeta(
+        hosts=("h",), device_kind="gpu", torch_version="x", dtype=dtype, date="2026-12-02",
+        method="test", model=model,
+    )  # fmt: skip
+    gpus = tuple(
+        ProfileGpu(gpu_id=i, host="h", local_index=i, device_name=rec.device_name, memory_bytes=1)
+        for i in range(8)
+    )
+    return Profile(schema_version=SCHEMA_VERSION, meta=meta, gpus=gpus, compute=(rec,))
+
+
+@pytest.mark.parametrize("dtype", [Dtype.BF16, Dtype.FP32])
+def test_a_measured_block_pays_only_what_its_profile_did_not_stream(dtype: Dtype) -> None:
+    """The profiler's repeats add each gradient into .grad (3 x the profile's bytes per
+    parameter); FSDP2's fp32 accumulator streams 10 B per later micro-batch: a bf16 profile's
+    block gets the excess, an fp32 one (CPU profiles) nothing more."""
+    model = presets.load_model("tiny-gpt")
+    cluster = presets.load_cluster("dgx-a100-80gb", 1)
+    training = TrainingSpec(global_batch=64, seq_len=128, dtype=dtype)
+    cfg = ParallelConfig(tp=2, pp=1, dp=4, micro_batch=2, zero=0)
+    profile = _gpu_profile(model, 2, dtype)
+    none = replace(EXECUTOR, grad_accumulation=GradAccumulation.FSDP1_FLAT)
+    with_acc = build_rank_costs(model, training, cluster, cfg, profile, DEFAULT_CONSTANTS, EXECUTOR)
+    without = build_rank_costs(model, training, cluster, cfg, profile, DEFAULT_CONSTANTS, none)
+    assert with_acc.source == "measured"
+    c = dtype.nbytes
+    t = grad_traffic(FSDP2, _shape(micro_batches=8, compute_bytes=c, zero=0, dp=4))
+    per_block = tp_rank_params(model, 2, 1).per_block
+    excess = max(0.0, t.backward_bytes - 3 * c) * per_block
+    grown = with_acc.block[0].bwd_compute_s - without.block[0].bwd_compute_s
+    gpu = cluster.nodes[0].gpu
+    assert grown == pytest.approx(memory_bound_s(excess, gpu, DEFAULT_CONSTANTS), abs=1e-15)
+    assert (grown > 0) == (dtype is Dtype.BF16)

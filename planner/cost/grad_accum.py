@@ -11,7 +11,9 @@ parameter, forward and backward) on it on an A100, whose ridge point is ~150 FLO
 Does not own: the collectives themselves (comm.py, dp_sync.py), or the time of a byte
 (kernels.memory_bound_s); rank_compute.py adds the result to the analytic parts' passes. A
 measured block already holds autograd's accumulation (the profiler never clears gradients
-between its repeats), so measured parts get nothing from here.
+between its repeats), so a measured part gets only what the runtime streams beyond it
+(`profiled_accumulation_bytes`): on a bf16 GPU profile FSDP2's fp32 accumulator and copies,
+on an fp32 CPU profile nothing.
 """
 
 from __future__ import annotations
@@ -112,6 +114,19 @@ def part_traffic_bytes(
         "head": total(params.head),
     }
     return parts, dense
+
+
+def profiled_accumulation_bytes(profile_bytes: int, params: RankParams) -> dict[str, float]:
+    """Backward bytes per micro-batch a profiled pass already holds for each part: the
+    profiler never clears gradients between its repeats, so autograd adds every repeat's into
+    `.grad` in the profile's dtype (read 2, write 1 per element; profiler/compute.py `_Step`).
+    rank_compute.py adds only what the runtime streams beyond that to a measured pass."""
+    per = 3.0 * profile_bytes
+    return {
+        "block": per * params.per_block,
+        "embedding": per * params.embedding,
+        "head": per * params.head,
+    }
 
 
 def part_traffic_s(

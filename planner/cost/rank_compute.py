@@ -115,7 +115,7 @@ def _analytic_parts(x: RankInputs, gpu: GpuSpec) -> dict[str, PassTimes]:
 
 def compute_parts(x: RankInputs, params: memory.RankParams, notes: list[str]) -> RankCompute:
     """Per GPU type: measured passes where the profile has them, else analytic ones plus the
-    gradient-accumulation traffic (grad_accum.py; a measured pass already holds autograd's);
+    gradient-accumulation traffic (grad_accum.py; a measured pass only what it did not stream);
     CP's attention beyond the local view is added to the block either way."""
     model, profile, c = x.model, x.profile, x.config
     use_profile = profile is not None and bool(profile.compute)
@@ -129,6 +129,11 @@ def compute_parts(x: RankInputs, params: memory.RankParams, notes: list[str]) ->
         compute.node_device_names(profile, x.cluster) if profile is not None and use_profile else ()
     )
     traffic_bytes, per_param = grad_accum.part_traffic_bytes(x.runtime, c, x.training, params)
+    held = (
+        grad_accum.profiled_accumulation_bytes(profile.meta.dtype.nbytes, params)
+        if profile is not None and use_profile
+        else {}
+    )
     parts: dict[int, dict[str, PassTimes]] = {}
     tp_timed: set[str] = set()
     tp_plain: set[str] = set()
@@ -181,7 +186,8 @@ def compute_parts(x: RankInputs, params: memory.RankParams, notes: list[str]) ->
                 notes.append(rec.note)
             if key == "block" and rec.activation_bytes is not None:
                 profiled_activations = True
-        found = _with_traffic_and_cp(x, found, measured_keys, traffic_bytes, gpu)
+        held_by_pass = {k: held[k] for k in measured_keys}
+        found = _with_traffic_and_cp(x, found, held_by_pass, traffic_bytes, gpu)
         parts[i] = found
     source = "measured" if measured_blocks else "analytic"
     if not measured_blocks and per_param.forward_bytes + per_param.backward_bytes > 0:
@@ -212,21 +218,21 @@ def compute_parts(x: RankInputs, params: memory.RankParams, notes: list[str]) ->
 def _with_traffic_and_cp(
     x: RankInputs,
     found: dict[str, PassTimes],
-    measured_keys: set[str],
+    held: dict[str, float],
     traffic_bytes: dict[str, tuple[float, float]],
     gpu: GpuSpec,
 ) -> dict[str, PassTimes]:
-    """The analytic passes plus their gradient-accumulation traffic (a measured pass holds
-    autograd's accumulation already), and the block plus CP's attention over the whole
+    """Each pass plus its gradient-accumulation traffic (a measured pass, keyed in `held`,
+    only what it did not already stream), and the block plus CP's attention over the whole
     sequence beyond the local view (cp.py), measured or not."""
     out = dict(found)
     for key, (fwd_bytes, bwd_bytes) in traffic_bytes.items():
-        if key not in measured_keys:
-            p = out[key]
-            out[key] = PassTimes(
-                forward_s=p.forward_s + memory_bound_s(fwd_bytes, gpu, x.constants),
-                backward_s=p.backward_s + memory_bound_s(bwd_bytes, gpu, x.constants),
-            )
+        p = out[key]
+        out[key] = PassTimes(
+            forward_s=p.forward_s + memory_bound_s(fwd_bytes, gpu, x.constants),
+            backward_s=p.backward_s
+            + memory_bound_s(max(0.0, bwd_bytes - held.get(key, 0.0)), gpu, x.constants),
+        )
     c = x.config
     if c.cp > 1:
         extra = cpcost.attention_extra_times(
